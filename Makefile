@@ -1,0 +1,28 @@
+# `make test` is the one command a new user (and CI) runs: it makes .venv, installs polopt with the
+# verified pins, and runs the whole suite. `make demo` trains the embedded tiny model with NFT.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+PIP     = $(PY) -m pip
+TUNE    = $(VENV)/bin/tune
+
+.PHONY: install test demo bench clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first, pinned to the CPU build on this machine's disk; an unpinned torch pulls CUDA.
+	$(PIP) install -q -c constraints.txt torch
+	$(PIP) install -q -c constraints.txt -e ".[test,trl,tensorboard]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest tests -q -p no:cacheprovider
+
+demo: install
+	$(TUNE) run recipes/online_rl_distributed.py --config configs/tiny_arith.yaml
+
+clean:
+	rm -rf $(VENV) outputs

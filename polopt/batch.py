@@ -1,0 +1,180 @@
+"""What flows between the stages of the data path.
+
+    rollout engine  ->  PromptGroup (one prompt, its K Completions)
+    verifier        ->  PromptGroup.rewards
+    filter          ->  the groups worth training on (0 < r̂ < 1)
+    RolloutBatch.collate(groups)  ->  padded tensors for the trainer
+    RolloutBatch.split(n)         ->  mini-batches of whole groups
+
+Layout of a collated batch (B rows, prompt width P, response width T, S = P + T):
+
+    input_ids       [B, S]  prompt left-padded to P, then the response right-padded to T
+    attention_mask  [B, S]  True on real tokens (prompt and response, stop token included)
+    response_mask   [B, T]  True on the response tokens the loss counts
+    old_logprobs    [B, T]  log π_old(a_t | q, a_<t) as the sampler reported them (0 on padding)
+    rewards         [B]     0/1 verifier rewards (truncated answers already scored 0)
+    group_ids       [B]     equal for the K answers of one prompt
+    correct_rate    [B]     r̂ of each row's group, computed over the whole group
+
+The trainer's log-prob of response token t sits at logits position P - 1 + t.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class Completion:
+    """One sampled answer: its token ids, per-token sampling log-probs, and whether it hit the
+    token limit before a stop token (truncated answers are scored wrong)."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    truncated: bool
+    text: str = ""
+
+    def __post_init__(self) -> None:
+        if len(self.token_ids) != len(self.logprobs):
+            raise ValueError(
+                f"Completion has {len(self.token_ids)} token_ids but {len(self.logprobs)} logprobs"
+            )
+
+
+@dataclass
+class PromptGroup:
+    """A prompt and its K sampled answers. `rewards` is filled in by the verifier."""
+
+    prompt_ids: list[int]
+    answer: str
+    completions: list[Completion]
+    prompt: str = ""
+    rewards: Optional[list[float]] = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def correct_rate(self) -> float:
+        """r̂ = mean reward over the group's K answers (truncated answers count as wrong)."""
+        if self.rewards is None:
+            raise ValueError("PromptGroup.correct_rate needs rewards: run the verifier first")
+        return sum(self.rewards) / len(self.rewards)
+
+
+@dataclass
+class RolloutBatch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    old_logprobs: torch.Tensor
+    rewards: torch.Tensor
+    group_ids: torch.Tensor
+    correct_rate: torch.Tensor
+    truncated: torch.Tensor
+    prompt_len: int
+    ref_logprobs: Optional[torch.Tensor] = None
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def response_len(self) -> int:
+        return self.response_mask.shape[1]
+
+    @property
+    def num_tokens(self) -> int:
+        """Response tokens the loss counts (the global normaliser of `token-mean`)."""
+        return int(self.response_mask.sum())
+
+    @classmethod
+    def collate(cls, groups: list[PromptGroup], pad_id: int, first_group_id: int = 0) -> "RolloutBatch":
+        """Pad whole groups into one batch. Group ids are consecutive from `first_group_id`."""
+        if not groups:
+            raise ValueError("RolloutBatch.collate got no groups")
+        rows = [(g, c, gid) for gid, g in enumerate(groups, first_group_id) for c in g.completions]
+        prompt_len = max(len(g.prompt_ids) for g in groups)
+        response_len = max(1, max(len(c.token_ids) for _, c, _ in rows))
+        B, S = len(rows), prompt_len + response_len
+        input_ids = torch.full((B, S), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((B, S), dtype=torch.bool)
+        response_mask = torch.zeros((B, response_len), dtype=torch.bool)
+        old_logprobs = torch.zeros((B, response_len), dtype=torch.float32)
+        for i, (g, c, _) in enumerate(rows):
+            p, n = len(g.prompt_ids), len(c.token_ids)
+            input_ids[i, prompt_len - p : prompt_len] = torch.tensor(g.prompt_ids, dtype=torch.long)
+            attention_mask[i, prompt_len - p : prompt_len] = True
+            if n:
+                input_ids[i, prompt_len : prompt_len + n] = torch.tensor(c.token_ids, dtype=torch.long)
+                old_logprobs[i, :n] = torch.tensor(c.logprobs, dtype=torch.float32)
+            attention_mask[i, prompt_len : prompt_len + n] = True
+            response_mask[i, :n] = True
+        for g in groups:
+            if g.rewards is None or len(g.rewards) != len(g.completions):
+                raise ValueError("every PromptGroup needs one reward per completion before collate")
+        rewards = torch.tensor([g.rewards[j] for g in groups for j in range(len(g.completions))])
+        # Truncated answers are wrong whatever the verifier said (the paper's setting).
+        truncated = torch.tensor([c.truncated for _, c, _ in rows], dtype=torch.bool)
+        rewards = torch.where(truncated, torch.zeros_like(rewards), rewards).float()
+        group_ids = torch.tensor([gid for _, _, gid in rows], dtype=torch.long)
+        correct_rate = torch.zeros(B)
+        for gid in group_ids.unique():
+            in_group = group_ids == gid
+            correct_rate[in_group] = rewards[in_group].mean()
+        return cls(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            response_mask=response_mask,
+            old_logprobs=old_logprobs,
+            rewards=rewards,
+            group_ids=group_ids,
+            correct_rate=correct_rate,
+            truncated=truncated,
+            prompt_len=prompt_len,
+        )
+
+    def _tensor_fields(self):
+        return [f.name for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)]
+
+    def select(self, rows: torch.Tensor) -> "RolloutBatch":
+        """The sub-batch of the given row indices (prompt width and response width are kept)."""
+        return replace(self, **{name: getattr(self, name)[rows] for name in self._tensor_fields()})
+
+    def to(self, device: torch.device | str) -> "RolloutBatch":
+        return replace(self, **{name: getattr(self, name).to(device) for name in self._tensor_fields()})
+
+    def split(self, num_minibatches: int, balance_tokens: bool = False) -> list["RolloutBatch"]:
+        """Split into `num_minibatches` mini-batches, each holding whole groups.
+
+        Groups are assigned in order (equal group counts, as the paper's 16 mini-batches), or with
+        `balance_tokens=True` greedily to the mini-batch with the fewest response tokens so far
+        (longest groups first), which evens out the work per optimiser step.
+        """
+        group_list = self.group_ids.unique(sorted=True).tolist()
+        if num_minibatches < 1:
+            raise ValueError(f"num_minibatches must be >= 1, got {num_minibatches}")
+        if num_minibatches > len(group_list):
+            raise ValueError(
+                f"cannot split {len(group_list)} groups into {num_minibatches} mini-batches of whole groups"
+            )
+        tokens_per_group = {g: int(self.response_mask[self.group_ids == g].sum()) for g in group_list}
+        buckets: list[list[int]] = [[] for _ in range(num_minibatches)]
+        if balance_tokens:
+            load = [0] * num_minibatches
+            for g in sorted(group_list, key=lambda g: -tokens_per_group[g]):
+                k = min(range(num_minibatches), key=lambda k: (load[k], len(buckets[k])))
+                buckets[k].append(g)
+                load[k] += tokens_per_group[g]
+        else:
+            per, extra = divmod(len(group_list), num_minibatches)
+            start = 0
+            for k in range(num_minibatches):
+                n = per + (1 if k < extra else 0)
+                buckets[k] = group_list[start : start + n]
+                start += n
+        out = []
+        for bucket in buckets:
+            rows = torch.cat([(self.group_ids == g).nonzero().flatten() for g in sorted(bucket)])
+            out.append(self.select(rows))
+        return out
