@@ -1,0 +1,88 @@
+"""Training-state checkpoints that survive a crash, and the final model in HF format.
+
+Resumable state (`save_training_state` / `load_latest_training_state`) is one torch file per step,
+`<output_dir>/checkpoints/step_<N>.pt`, holding the full model and optimiser state, the LR
+scheduler, the prompt stream's position and the metric history. It is written to a temporary file
+in the same folder and moved into place with `os.replace`, which is atomic on POSIX: a run killed
+mid-write leaves the previous checkpoint intact and no half-written file under the final name.
+
+The final model is written with torchtune's `FullModelHFCheckpointer` (which converts torchtune's
+parameter names to HF's and copies config and tokenizer files), into a temporary folder that is
+then renamed to `<output_dir>/final`, so transformers and vLLM load it as a model directory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+CHECKPOINT_DIRNAME = "checkpoints"
+_STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_training_state(output_dir: str | Path, step: int, state: dict[str, Any], keep_last: int = 2) -> Path:
+    """Write `state` as the checkpoint of `step` and delete all but the newest `keep_last`."""
+    folder = Path(output_dir) / CHECKPOINT_DIRNAME
+    path = folder / f"step_{step}.pt"
+    atomic_torch_save({"step": step, **state}, path)
+    for old in list_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints under `output_dir`, oldest first (temporary files are ignored)."""
+    folder = Path(output_dir) / CHECKPOINT_DIRNAME
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_FILE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def load_latest_training_state(output_dir: str | Path) -> Optional[dict[str, Any]]:
+    checkpoints = list_checkpoints(output_dir)
+    if not checkpoints:
+        return None
+    return torch.load(checkpoints[-1], map_location="cpu", weights_only=False)
+
+
+def save_hf_model(checkpointer_factory, state_dict: dict[str, torch.Tensor], output_dir: str | Path) -> Path:
+    """Write `state_dict` (torchtune names) as an HF model folder `<output_dir>/final`, atomically.
+
+    `checkpointer_factory(output_dir)` builds the config's HF checkpointer writing into a temporary
+    folder; its `epoch_0` output is renamed to `final`.
+    """
+    output_dir = Path(output_dir)
+    final = output_dir / "final"
+    staging = Path(tempfile.mkdtemp(prefix=".final.", dir=output_dir))
+    try:
+        checkpointer = checkpointer_factory(str(staging))
+        checkpointer.save_checkpoint({"model": state_dict}, epoch=0, intermediate_checkpoint=False)
+        written = staging / "epoch_0"
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(written, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final

@@ -1,0 +1,87 @@
+"""avg@k and pass@k of a policy on question/answer sets, through the training rollout engines and
+verifier, so that validation during training and `recipes/evaluate.py` measure the same thing.
+
+    avg@k  = mean over questions of (correct answers among k samples) / k
+    pass@k = fraction of questions with at least one correct answer among k samples
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Callable, Optional, Sequence
+
+from tqdm import tqdm
+
+from polopt.rollout import SamplingParams
+
+
+def evaluate_prompts(
+    engine,
+    verifier: Callable[[list[str], list[str]], list[float]],
+    prompts: Sequence[dict],
+    *,
+    k: int,
+    params: SamplingParams,
+    batch_size: int = 64,
+    progress: bool = False,
+    desc: str = "eval",
+) -> dict[str, float]:
+    """Sample `k` answers for each prompt dict ({"prompt_ids", "answer"}), verify, and score.
+
+    Truncated answers count as wrong. Returns sums as well as means so that callers sharding
+    questions across ranks can add them up: {"correct", "solved", "n_questions", "k",
+    "avg_at_k", "pass_at_k", "mean_response_len", "truncation_rate"}.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    correct = solved = tokens = truncated = 0.0
+    bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        seed = None if params.seed is None else params.seed + start
+        groups = engine.generate([p["prompt_ids"] for p in chunk], k, replace(params, seed=seed))
+        texts = [c.text for completions in groups for c in completions]
+        answers = [p["answer"] for p, completions in zip(chunk, groups) for _ in completions]
+        rewards = verifier(texts, answers)
+        flat = [c for completions in groups for c in completions]
+        for i, completions in enumerate(groups):
+            scores = [
+                0.0 if c.truncated else rewards[i * k + j] for j, c in enumerate(completions)
+            ]
+            correct += sum(scores)
+            solved += float(max(scores) > 0)
+        tokens += sum(len(c.token_ids) for c in flat)
+        truncated += sum(c.truncated for c in flat)
+        bar.update(len(chunk))
+    bar.close()
+    n = len(prompts)
+    samples = max(1, n * k)
+    return {
+        "correct": correct,
+        "solved": solved,
+        "n_questions": float(n),
+        "k": float(k),
+        "avg_at_k": correct / samples if n else 0.0,
+        "pass_at_k": solved / n if n else 0.0,
+        "mean_response_len": tokens / samples,
+        "truncation_rate": truncated / samples,
+    }
+
+
+def merge_counts(parts: list[dict[str, float]]) -> dict[str, float]:
+    """Combine `evaluate_prompts` results of disjoint question shards (e.g. one per rank)."""
+    n = sum(p["n_questions"] for p in parts)
+    k = parts[0]["k"] if parts else 1.0
+    samples = max(1.0, n * k)
+    return {
+        "correct": sum(p["correct"] for p in parts),
+        "solved": sum(p["solved"] for p in parts),
+        "n_questions": n,
+        "k": k,
+        "avg_at_k": sum(p["correct"] for p in parts) / samples,
+        "pass_at_k": sum(p["solved"] for p in parts) / max(1.0, n),
+        "mean_response_len": sum(p["mean_response_len"] * p["n_questions"] * k for p in parts) / samples,
+        "truncation_rate": sum(p["truncation_rate"] * p["n_questions"] * k for p in parts) / samples,
+    }

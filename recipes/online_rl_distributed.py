@@ -1,0 +1,500 @@
+"""Online RL for LLM math reasoning with any polopt loss: Algorithm 1 of the NFT paper.
+
+    tune run recipes/online_rl_distributed.py --config configs/tiny_arith.yaml loss=nft
+    tune run --nproc_per_node 2 recipes/online_rl_distributed.py --config ... loss=grpo
+
+One step of this recipe is one policy iteration:
+
+    groups = sampler.sample()                 # K answers per prompt, verified; keep 0 < r̂ < 1
+    batch  = RolloutBatch.collate(groups)     # tokens, masks, old log-probs, rewards, group ids, r̂
+    for minibatch in batch.split(num_minibatches):          # whole groups; one optimiser step each
+        for micro in minibatch.split(gradient_accumulation_steps):
+            loss = loss_fn(log π_θ, log π_old, mask, r, group ids; normaliser of the whole minibatch)
+            loss.backward()
+        clip gradients; AdamW step; LR warm-up
+    push weights to the rollout engine; validate (avg@k); checkpoint
+
+Data parallel: each rank samples its own share of prompts (num_prompts / world_size), the model is
+sharded with FSDP2 (gloo on CPU, NCCL on GPU), and the loss of every micro-batch is divided by the
+normaliser of the *global* mini-batch (all-reduced), so that gradient accumulation and ranks add up
+to exactly the loss and gradient of the whole mini-batch. Under FSDP2 the native engine generates
+with an unsharded replica per rank, refreshed after every step (the same contract as vLLM).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from torchtune import config, modules, training, utils
+from torchtune.recipe_interfaces import FTRecipeInterface
+from tqdm import tqdm
+
+from polopt.batch import RolloutBatch
+from polopt.checkpoint import load_latest_training_state, save_hf_model, save_training_state
+from polopt.evaluation import evaluate_prompts, merge_counts
+from polopt.filtering import DynamicSampler
+from polopt.losses import get_loss, global_normalizer
+from polopt.policy import response_logprobs
+from polopt.prompts import PromptDataset, PromptStream, load_rows
+from polopt.recipe_config import ConfigError, validate_config
+from polopt.rollout import SamplingParams
+
+log = utils.get_logger("INFO")
+
+
+class OnlineRLRecipe(FTRecipeInterface):
+    """Rollout → verify → filter → update, for any loss in `polopt.losses`."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg = validate_config(cfg)
+        self._device = utils.get_device(device=cfg.device)
+        self._dtype = training.get_dtype(cfg.dtype, device=self._device)
+        self._distributed = training.is_distributed() and int(os.environ.get("WORLD_SIZE", 1)) > 1
+        if self._distributed:
+            dist.init_process_group(training.get_distributed_backend(self._device.type))
+        self.world_size, self.rank = utils.get_world_size_and_rank()
+        self._is_rank_zero = self.rank == 0
+        if cfg.rollout.num_prompts % self.world_size:
+            raise ConfigError(
+                f"rollout.num_prompts={cfg.rollout.num_prompts} must be divisible by the number of ranks ({self.world_size})"
+            )
+        self.output_dir = Path(cfg.output_dir)
+        self.seed = training.set_seed(seed=cfg.seed)
+        self.global_step = 0
+        self.nan_steps = 0
+        self.history: list[dict[str, float]] = []
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, cfg: Optional[DictConfig] = None) -> None:
+        cfg = self.cfg
+        self.loss_fn = self._setup_loss(cfg)
+        self._checkpointer = config.instantiate(cfg.checkpointer)
+        model_state = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
+        self.tokenizer = config.instantiate(cfg.tokenizer)
+        self.model = self._setup_model(cfg, model_state)
+        self.optimizer = config.instantiate(cfg.optimizer, self.model.parameters())
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, partial(_linear_warmup, warmup_steps=cfg.lr_warmup_steps)
+        )
+        self.verifier = config.instantiate(cfg.verifier)
+        self.engine = self._setup_rollout_engine(cfg, model_state)
+        self.prompt_stream = self._setup_prompts(cfg)
+        self.sampler = DynamicSampler(
+            self.prompt_stream,
+            self.engine,
+            self.verifier,
+            num_prompts=cfg.rollout.num_prompts // self.world_size,
+            num_samples=cfg.rollout.num_samples,
+            sampling_params=self._sampling_params(cfg.rollout),
+            gen_batch_size=_per_rank(cfg.filter.gen_batch_size, self.world_size),
+            max_gen_batches=cfg.filter.max_gen_batches,
+            filter_groups=cfg.filter.enabled,
+        )
+        self.val_prompts = self._setup_validation(cfg)
+        self.metric_logger = config.instantiate(cfg.metric_logger) if self._is_rank_zero else None
+        if self.metric_logger is not None:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self.metric_logger.log_config(cfg)
+        if cfg.resume:
+            self.load_checkpoint()
+
+    def _setup_loss(self, cfg: DictConfig):
+        kwargs = OmegaConf.to_container(cfg.loss_args.get(cfg.loss, {}) or {}, resolve=True)
+        try:
+            return get_loss(cfg.loss, **kwargs)
+        except (KeyError, ValueError, TypeError) as e:
+            raise ConfigError(f"loss={cfg.loss} with loss_args.{cfg.loss}={kwargs}: {e}") from e
+
+    def _setup_model(self, cfg: DictConfig, model_state: dict[str, torch.Tensor]) -> torch.nn.Module:
+        with training.set_default_dtype(self._dtype), torch.device("meta" if self._distributed else self._device):
+            model = config.instantiate(cfg.model)
+        if cfg.enable_activation_checkpointing:
+            training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
+        if not self._distributed:
+            model.load_state_dict(model_state)
+            return model
+        training.shard_model(
+            model=model,
+            shard_conditions=[partial(training.get_shard_conditions, names_to_match=None)],
+            cpu_offload=False,
+            reshard_after_forward=True,
+        )
+        with training.set_default_dtype(self._dtype), self._device:
+            for m in model.modules():
+                if hasattr(m, "rope_init"):  # RoPE buffers are not in the state dict
+                    m.rope_init()
+        training.load_from_full_model_state_dict(model, model_state, self._device, strict=True)
+        training.validate_no_params_on_meta_device(model)
+        dist.barrier()
+        return model
+
+    def _setup_rollout_engine(self, cfg: DictConfig, model_state: dict[str, torch.Tensor]):
+        rollout_model = self.model
+        engine_cfg = cfg.rollout.engine
+        if self._distributed and engine_cfg._component_.endswith("NativeRolloutEngine"):
+            # FSDP forwards are collective; ranks stop generating at different times, so each
+            # rank generates with its own unsharded replica (refreshed after every step).
+            with training.set_default_dtype(self._dtype), self._device:
+                rollout_model = config.instantiate(cfg.model)
+            rollout_model.load_state_dict(model_state)
+        decode = partial(self.tokenizer.decode, skip_special_tokens=True)
+        if engine_cfg._component_.endswith("NativeRolloutEngine"):
+            return config.instantiate(engine_cfg, model=rollout_model, pad_id=self.tokenizer.pad_id, decode=decode)
+        return config.instantiate(engine_cfg, decode=decode)
+
+    def _setup_prompts(self, cfg: DictConfig) -> PromptStream:
+        d = cfg.dataset
+        dataset = PromptDataset(
+            load_rows(d.source, split=d.split, question_field=d.question_field, answer_field=d.answer_field),
+            self.tokenizer,
+            template=d.template,
+            max_prompt_tokens=d.max_prompt_tokens,
+            on_too_long=d.on_too_long,
+        )
+        return PromptStream(
+            dataset,
+            batch_size=_per_rank(cfg.filter.gen_batch_size or cfg.rollout.num_prompts, self.world_size),
+            seed=cfg.seed,
+            shuffle=d.shuffle,
+            num_replicas=self.world_size,
+            rank=self.rank,
+        )
+
+    def _setup_validation(self, cfg: DictConfig) -> list[dict]:
+        v = cfg.validation
+        if not v.source:
+            return []
+        dataset = PromptDataset(
+            load_rows(v.source, split=v.split, question_field=v.question_field, answer_field=v.answer_field),
+            self.tokenizer,
+            template=v.template or cfg.dataset.template,
+            max_prompt_tokens=cfg.dataset.max_prompt_tokens,
+            on_too_long=cfg.dataset.on_too_long,
+        )
+        questions = [dataset[i] for i in range(len(dataset))][: v.max_questions]
+        return questions[self.rank :: self.world_size]
+
+    def _sampling_params(self, section: DictConfig, seed: Optional[int] = None) -> SamplingParams:
+        return SamplingParams(
+            temperature=section.temperature,
+            top_p=section.top_p,
+            top_k=section.get("top_k"),
+            max_new_tokens=section.get("max_new_tokens") or self.cfg.rollout.max_new_tokens,
+            stop_token_ids=list(self.tokenizer.stop_tokens),
+            seed=seed,
+        )
+
+    # ------------------------------------------------------------------ one policy iteration
+    def rollout(self) -> tuple[RolloutBatch | None, dict[str, float]]:
+        """Sample, verify and filter; collate the kept groups into one batch (None if none kept)."""
+        self.model.eval()
+        # Seeded per (run seed, step, rank): a resumed run samples exactly what the original did.
+        self.sampler.sampling_params = self._sampling_params(
+            self.cfg.rollout, seed=_mix_seed(self.seed, self.global_step, self.rank)
+        )
+        groups, metrics = self.sampler.sample()
+        if not groups:
+            return None, metrics
+        batch = RolloutBatch.collate(groups, pad_id=self.tokenizer.pad_id)
+        if self.cfg.recompute_old_logprobs:
+            with torch.no_grad():
+                batch.old_logprobs = self._logprobs(batch.to(self._device))[0].cpu() * batch.response_mask
+        return batch, metrics
+
+    def _logprobs(self, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        return response_logprobs(
+            self.model,
+            batch,
+            temperature=self.cfg.rollout.temperature,
+            fused=self.cfg.fused_logprobs,
+            chunk_size=self.cfg.logprob_chunk_size,
+            return_entropy=True,
+        )
+
+    def update_policy(self, batch: RolloutBatch) -> dict[str, float]:
+        """Optimiser steps on mini-batches of whole groups; returns metrics averaged over them.
+
+        Every rank must call this the same number of times; mini-batch and micro-batch counts are
+        agreed across ranks (the smallest local group count bounds them).
+        """
+        self.model.train()
+        num_groups = self._all_reduce(torch.tensor(float(batch.group_ids.unique().numel())), op=dist.ReduceOp.MIN)
+        num_minibatches = int(min(self.cfg.num_minibatches, num_groups.item()))
+        sums: dict[str, float] = {}
+        for minibatch in batch.split(num_minibatches, balance_tokens=self.cfg.balance_minibatch_tokens):
+            minibatch = minibatch.to(self._device)
+            local_norm = torch.as_tensor(
+                global_normalizer(self.loss_fn, minibatch.response_mask, group_ids=minibatch.group_ids),
+                dtype=torch.float64,
+            )
+            normalizer = self._all_reduce(local_norm.clone())
+            local_groups = self._all_reduce(torch.tensor(float(minibatch.group_ids.unique().numel())), op=dist.ReduceOp.MIN)
+            micro_batches = minibatch.split(int(min(self.cfg.gradient_accumulation_steps, local_groups.item())))
+            step_metrics: dict[str, float] = {"loss": 0.0}
+            entropy_sum = torch.zeros((), dtype=torch.float64)
+            for micro in micro_batches:
+                logprobs, entropy = self._logprobs(micro)
+                out = self.loss_fn(
+                    logprobs,
+                    micro.old_logprobs,
+                    micro.response_mask,
+                    micro.rewards,
+                    micro.group_ids,
+                    correct_rate=micro.correct_rate,
+                    normalizer=normalizer.item(),
+                )
+                # FSDP2 averages gradients over ranks; the normaliser is global, so scale back to a sum.
+                (out.loss * self.world_size).backward()
+                step_metrics["loss"] += out.loss.item()
+                entropy_sum += (entropy.detach().double() * micro.response_mask).sum()
+                for name, value in out.metrics.items():
+                    step_metrics[name] = step_metrics.get(name, 0.0) + value / len(micro_batches)
+            step_metrics["loss"] = self._all_reduce(torch.tensor(step_metrics["loss"], dtype=torch.float64)).item()
+            tokens = self._all_reduce(torch.tensor(float(minibatch.num_tokens), dtype=torch.float64))
+            step_metrics["entropy"] = (self._all_reduce(entropy_sum) / tokens.clamp(min=1)).item()
+            if not math.isfinite(step_metrics["loss"]):
+                self.optimizer.zero_grad(set_to_none=True)
+                self.nan_steps += 1
+                log.warning(f"step {self.global_step}: non-finite loss, optimiser step skipped ({self.nan_steps} so far)")
+                if self.nan_steps > self.cfg.max_nan_steps:
+                    raise RuntimeError(f"{self.nan_steps} non-finite losses (max_nan_steps={self.cfg.max_nan_steps}); stopping")
+                continue
+            if self.cfg.clip_grad_norm is not None:
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=float(self.cfg.clip_grad_norm))
+                if hasattr(grad_norm, "full_tensor"):
+                    grad_norm = grad_norm.full_tensor()
+                step_metrics["grad_norm"] = grad_norm.item()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.lr_scheduler.step()
+            for name, value in step_metrics.items():
+                sums[name] = sums.get(name, 0.0) + value / num_minibatches
+        sums["lr"] = self.optimizer.param_groups[0]["lr"]
+        return sums
+
+    def validate(self) -> dict[str, float]:
+        if not self.val_prompts and not self._distributed:
+            return {}
+        v = self.cfg.validation
+        self.model.eval()
+        part = evaluate_prompts(
+            self.engine,
+            self.verifier,
+            self.val_prompts,
+            k=v.k,
+            params=self._sampling_params(v, seed=_mix_seed(self.seed + 1, 0, self.rank)),
+            batch_size=v.batch_size,
+            progress=self._is_rank_zero,
+            desc="validation",
+        )
+        if self._distributed:
+            counts = torch.tensor([part["correct"], part["solved"], part["n_questions"]], dtype=torch.float64)
+            self._all_reduce(counts)
+            part.update(correct=counts[0].item(), solved=counts[1].item(), n_questions=counts[2].item())
+            part = merge_counts([part])
+        return {"val/accuracy": part["avg_at_k"], "val/pass_at_k": part["pass_at_k"]}
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> None:
+        cfg = self.cfg
+        start = time.perf_counter()
+        if self.global_step == 0 and self.val_prompts is not None and cfg.validation.source:
+            self._record(0, self.validate())
+        bar = tqdm(total=cfg.max_steps, initial=self.global_step, desc=f"{cfg.loss}", disable=not self._is_rank_zero)
+        while self.global_step < cfg.max_steps:
+            t0 = time.perf_counter()
+            batch, metrics = self.rollout()
+            t_rollout = time.perf_counter() - t0
+            if batch is not None:
+                metrics.update(self.update_policy(batch))
+                metrics["tokens_per_second"] = batch.num_tokens * self.world_size / max(1e-9, time.perf_counter() - t0)
+            self.global_step += 1
+            self._sync_rollout_weights()
+            metrics["time/rollout_s"] = t_rollout
+            metrics["time/step_s"] = time.perf_counter() - t0
+            every = cfg.validation.every_n_steps
+            if cfg.validation.source and every and (self.global_step % every == 0 or self.global_step == cfg.max_steps):
+                metrics.update(self.validate())
+            self._record(self.global_step, metrics)
+            bar.update(1)
+            bar.set_postfix({k: f"{metrics[k]:.3f}" for k in ("reward/mean", "loss", "val/accuracy") if k in metrics})
+            if cfg.checkpoint_every_n_steps and self.global_step % cfg.checkpoint_every_n_steps == 0:
+                self.save_checkpoint()
+        bar.close()
+        self.wall_seconds = time.perf_counter() - start
+        self._finish()
+
+    def _record(self, step: int, metrics: dict[str, float]) -> None:
+        entry = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        self.history.append(entry)
+        if self.metric_logger is not None and step % self.cfg.log_every_n_steps == 0:
+            self.metric_logger.log_dict({k: v for k, v in entry.items() if k != "step"}, step=step)
+
+    def _sync_rollout_weights(self) -> None:
+        if self.engine_uses_trainer_model:
+            return
+        self.engine.sync_weights(self._full_state_dict())
+
+    @property
+    def engine_uses_trainer_model(self) -> bool:
+        return getattr(self.engine, "model", None) is self.model
+
+    def _full_state_dict(self) -> dict[str, torch.Tensor]:
+        if not self._distributed:
+            return {k: v.detach() for k, v in self.model.state_dict().items()}
+        return {
+            k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach()
+            for k, v in self.model.state_dict().items()
+        }
+
+    def _all_reduce(self, t: torch.Tensor, op=None) -> torch.Tensor:
+        if self._distributed:
+            dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+        return t
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> None:
+        model_state = self._full_state_dict()
+        if self._distributed:
+            optim_state = training.get_full_optimizer_state_dict(self.model, self.optimizer, self._is_rank_zero)
+        else:
+            optim_state = self.optimizer.state_dict()
+        # Each rank owns its own prompt-stream position; rank 0 writes them all.
+        streams = [None] * self.world_size
+        if self._distributed:
+            dist.all_gather_object(streams, self.prompt_stream.state_dict())
+        else:
+            streams = [self.prompt_stream.state_dict()]
+        if self._is_rank_zero:
+            path = save_training_state(
+                self.output_dir,
+                self.global_step,
+                {
+                    "model": {k: v.cpu() for k, v in model_state.items()},
+                    "optimizer": optim_state,
+                    "lr_scheduler": self.lr_scheduler.state_dict(),
+                    "prompt_streams": streams,
+                    "history": self.history,
+                    "nan_steps": self.nan_steps,
+                    "config": OmegaConf.to_container(self.cfg, resolve=True),
+                },
+                keep_last=self.cfg.keep_last_checkpoints,
+            )
+            log.info(f"checkpoint written: {path}")
+        if self._distributed:
+            dist.barrier()
+
+    def load_checkpoint(self) -> None:
+        state = load_latest_training_state(self.output_dir)
+        if state is None:
+            log.info(f"resume=True but no checkpoint under {self.output_dir}/checkpoints: starting fresh")
+            return
+        if self._distributed:
+            training.load_from_full_model_state_dict(self.model, state["model"], self._device, strict=True)
+            training.load_from_full_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], self._device)
+        else:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.prompt_stream.load_state_dict(state["prompt_streams"][self.rank])
+        self.history = state["history"]
+        self.nan_steps = state["nan_steps"]
+        self.global_step = state["step"]
+        self._sync_rollout_weights()
+        log.info(f"resumed from step {self.global_step}")
+
+    # ------------------------------------------------------------------ outputs
+    def _finish(self) -> None:
+        model_state = self._full_state_dict()
+        if not self._is_rank_zero:
+            return
+        val = [h for h in self.history if "val/accuracy" in h]
+        summary = {
+            "loss": self.cfg.loss,
+            "steps": self.global_step,
+            "wall_seconds": round(self.wall_seconds, 2),
+            "val_accuracy_before": val[0]["val/accuracy"] if val else None,
+            "val_accuracy_after": val[-1]["val/accuracy"] if val else None,
+            "nan_steps": self.nan_steps,
+            "world_size": self.world_size,
+        }
+        if self.cfg.save_final_model:
+            checkpointer_cfg = self.cfg.checkpointer
+            factory = lambda out: config.instantiate(checkpointer_cfg, output_dir=out)  # noqa: E731
+            summary["final_model"] = str(save_hf_model(factory, {k: v.cpu() for k, v in model_state.items()}, self.output_dir))
+        (self.output_dir / "history.json").write_text(json.dumps(self.history, indent=1))
+        (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        _plot_history(self.history, self.output_dir / "training_curves.png", title=f"loss={self.cfg.loss}")
+        log.info("summary: " + json.dumps(summary))
+
+    def cleanup(self) -> None:
+        if self.metric_logger is not None:
+            self.metric_logger.close()
+        if hasattr(self.verifier, "close"):
+            self.verifier.close()
+        if self._distributed:
+            dist.barrier()  # without it, an occasional rank aborts at exit (NOTES.md)
+            dist.destroy_process_group()
+
+
+def _linear_warmup(step: int, warmup_steps: int) -> float:
+    return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
+
+
+def _per_rank(n: Optional[int], world_size: int) -> Optional[int]:
+    return None if n is None else max(1, n // world_size)
+
+
+def _mix_seed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**31 - 1)
+
+
+def _plot_history(history: list[dict[str, float]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    steps = [h["step"] for h in history if "reward/mean" in h]
+    axes[0].plot(steps, [h["reward/mean"] for h in history if "reward/mean" in h], label="mean reward (rollout)")
+    axes[0].set_xlabel("step")
+    axes[0].set_ylabel("reward")
+    axes[0].legend()
+    val = [h for h in history if "val/accuracy" in h]
+    axes[1].plot([h["step"] for h in val], [h["val/accuracy"] for h in val], marker="o", label="held-out avg@k")
+    axes[1].set_xlabel("step")
+    axes[1].set_ylabel("accuracy")
+    axes[1].set_ylim(0, 1)
+    axes[1].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    try:
+        recipe = OnlineRLRecipe(cfg)
+        recipe.setup()
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    recipe.train()
+    recipe.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())
