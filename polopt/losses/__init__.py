@@ -1,0 +1,42 @@
+"""polopt.losses: NFT, RFT, GRPO, Dr.GRPO, DAPO, InfoNCA behind one contract. Needs only torch.
+
+    from polopt.losses import get_loss
+    loss_fn = get_loss("nft", epsilon=1.0, prompt_weight="dr_grpo")
+    out = loss_fn(logprobs, old_logprobs, mask, rewards, group_ids)
+    out.loss.backward(); out.metrics   # dict of floats
+
+See base.py for the call contract and aggregation.py for `loss_agg` and the normalizer.
+"""
+
+from polopt.losses.aggregation import LOSS_AGG_MODES, NORMALIZER_KINDS
+from polopt.losses.base import LossInputs, LossOutput, PolicyLoss, TokenLevelLoss, global_normalizer
+from polopt.losses.group_stats import group_correct_rate
+from polopt.losses.registry import get_loss, list_losses, register_loss
+
+# Importing the loss modules registers them.
+from polopt.losses.nft import NFTLoss
+from polopt.losses.rft import RFTLoss
+from polopt.losses.grpo import GRPOLoss
+from polopt.losses.dr_grpo import DrGRPOLoss
+from polopt.losses.dapo import DAPOLoss
+from polopt.losses.infonca import InfoNCALoss
+
+__all__ = [
+    "LOSS_AGG_MODES",
+    "NORMALIZER_KINDS",
+    "LossInputs",
+    "LossOutput",
+    "DAPOLoss",
+    "DrGRPOLoss",
+    "GRPOLoss",
+    "InfoNCALoss",
+    "NFTLoss",
+    "PolicyLoss",
+    "RFTLoss",
+    "TokenLevelLoss",
+    "get_loss",
+    "global_normalizer",
+    "group_correct_rate",
+    "list_losses",
+    "register_loss",
+]

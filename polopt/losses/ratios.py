@@ -1,0 +1,41 @@
+"""Likelihood ratios, the straight-through max_v, and the k3 KL estimator.
+
+    R_t = π_θ(a_t | q, a_<t) / π_old(a_t | q, a_<t) = exp(log π_θ − log π_old)      (Eq. 3)
+    max_v(x, ε) = value max(x, ε), gradient of x                   (Algorithm 1, lines 2–3)
+    k3_t = π_ref/π_θ − log(π_ref/π_θ) − 1                          (Schulman's k3, ≥ 0)
+"""
+
+from __future__ import annotations
+
+import torch
+
+# exp() of a log-ratio beyond ±60 saturates: e^60 ≈ 1e26 leaves fp32 room (max ≈ 3e38) for the
+# advantage, ω, 1/ε and a sum over tokens, so every loss stays finite for any finite input. Tokens
+# that far off-policy already have GRPO's gradient clipped to 0; past the cap NFT's is 0 as well.
+MAX_LOG_RATIO = 60.0
+
+
+def masked_log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log R_t on response tokens, exactly 0 on padding (whatever the padding holds, even NaN)."""
+    return torch.where(mask, logprobs - old_logprobs, torch.zeros_like(logprobs))
+
+
+def likelihood_ratio(log_ratio: torch.Tensor) -> torch.Tensor:
+    """R_t = exp(log R_t), with the exponent capped at ±MAX_LOG_RATIO."""
+    return torch.exp(log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
+
+
+def max_v(x: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """Straight-through max (Algorithm 1): value max(x, ε) exactly, gradient ∂x.
+
+    Written as clamp(x, ε).detach() + (x − x.detach()) so the value is exact: x − x.detach() is
+    exactly 0. Algorithm 1's literal stop_grad[max(x, ε) − x] + x loses ε to cancellation when
+    |x| ≫ ε (x ≈ −1e17 at a log-ratio of 40).
+    """
+    return x.clamp(min=epsilon).detach() + (x - x.detach())
+
+
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(π_θ ‖ π_ref); 0 on padding."""
+    log_ratio_to_ref = masked_log_ratio(ref_logprobs, logprobs, mask).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+    return torch.exp(log_ratio_to_ref) - log_ratio_to_ref - 1

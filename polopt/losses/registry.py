@@ -1,0 +1,47 @@
+"""Registry of losses by name: `register_loss`, `get_loss`, `list_losses`."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable, TypeVar
+
+from polopt.losses.base import PolicyLoss
+
+_REGISTRY: dict[str, type[PolicyLoss]] = {}
+
+LossClass = TypeVar("LossClass", bound=type[PolicyLoss])
+
+
+def register_loss(name: str) -> Callable[[LossClass], LossClass]:
+    """Class decorator: `@register_loss("nft") class NFTLoss(PolicyLoss): ...`."""
+
+    def register(cls: LossClass) -> LossClass:
+        if not (isinstance(cls, type) and issubclass(cls, PolicyLoss)):
+            raise TypeError(f"register_loss({name!r}) needs a PolicyLoss subclass, got {cls!r}")
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"loss {name!r} is already registered to {_REGISTRY[name].__qualname__}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return register
+
+
+def list_losses() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def hparam_names(cls: type[PolicyLoss]) -> list[str]:
+    return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+
+
+def get_loss(name: str, **hparams) -> PolicyLoss:
+    """An instance of the loss registered as `name`, built with `hparams` (checked at construction)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown loss {name!r}; registered losses: {', '.join(list_losses())}")
+    cls = _REGISTRY[name]
+    accepted = hparam_names(cls)
+    unknown = sorted(set(hparams) - set(accepted))
+    if unknown:
+        raise TypeError(f"loss {name!r} got unknown hyperparameter(s) {unknown}; accepted: {', '.join(accepted)}")
+    return cls(**hparams)

@@ -1,0 +1,29 @@
+"""RFT — Rejection-sampling Fine-Tuning: maximum likelihood on the correct answers only.
+
+    ℓ_t = r · (−log R_t),   R_t = π_θ(a_t | q, a_<t) / π_old(a_t | q, a_<t)
+
+Eq. 10 with the negative term dropped and ω(q) = 1 (Appendix B, "RFT zeros out negative data loss
+in NFT implementation and keeps a constant prompt weight"). −log π_old is a baseline: the gradient
+is the SFT gradient −∇log π_θ on positive tokens, and the loss is 0 at π_θ = π_old.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from polopt.losses.base import LossInputs, TokenLevelLoss
+from polopt.losses.registry import register_loss
+
+
+@register_loss("rft")
+class RFTLoss(TokenLevelLoss):
+    def __init__(
+        self, loss_agg: str = "token-mean", max_response_len: Optional[int] = None, kl_coef: float = 0.0
+    ) -> None:
+        super().__init__(loss_agg, max_response_len, kl_coef)
+
+    def token_losses(self, inputs: LossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        positive = inputs.positive[:, None]
+        return torch.where(positive, -inputs.log_ratio, torch.zeros_like(inputs.log_ratio)), {}
