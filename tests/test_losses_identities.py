@@ -1,0 +1,350 @@
+"""Property tests: the identities of DESIGN.md that pin the six losses down (float64, autograd).
+
+1. On-policy, ε ≤ 1: ∇NFT(ω=grpo) = ∇GRPO (= ∇DAPO), ∇NFT(ω=dr_grpo) = ∇Dr.GRPO under the same
+   aggregation (Prop. 4.2, Remark A.3); for ε > 1 the negative tokens' gradient shrinks by 1/ε.
+2. NFT with neg_weight=0 and ω=constant is RFT; NFT is 0 at π_θ = π_old.
+3. InfoNCA with K=2, one right and one wrong answer, is DPO with π_ref = π_old.
+4. Off-policy gradients equal Eq. 11 (GRPO family: −A·R inside the clip region, 0 outside) and
+   Eq. 12 (NFT: negative weight ω·r̂/(1 − r̂)·R / max((1 − r̂R)/(1 − r̂), ε)).
+5. Theorem 3.1 on a bandit: the negative-only NFT objective drives π_θ to π⁺ = π·p(r=1|a)/r_q.
+6. Micro-batches/ranks with the global normalizer sum to the whole batch's loss and gradient.
+Plus: every loss value equals its equation, written out row by row with an independent reference.
+
+Mutations tried by hand (each made at least one test here fail; the first listed caught it):
+- GRPO std unbiased (K−1) instead of population → test_grpo_family_gradient_equals_nft_on_policy,
+  test_loss_values_match_the_equations
+- std + 1e-6 in the GRPO advantage → test_grpo_family_gradient_equals_nft_on_policy (rtol 1e-9),
+  test_loss_values_match_the_equations
+- max_v without straight-through (plain clamp) → test_gradients_match_the_papers_analytic_form
+- max_v as stop_grad[max(x, ε) − x] + x (cancellation) →
+  test_losses_numerics.py::test_nft_value_is_exact_at_extreme_log_ratios
+- each aggregation mode swapped with another (5 modes) → test_loss_values_match_the_equations,
+  test_gradients_match_the_papers_analytic_form
+- ω choice swapped (dr_grpo ↔ grpo) → test_grpo_family_gradient_equals_nft_on_policy
+- per-micro-batch token mean (normalizer ignored) → test_split_batches_with_global_normalizer_match_whole
+- seq-mean-token-sum-norm with L = each micro-batch's own width →
+  test_split_batches_with_global_normalizer_match_whole
+- clip fractions / clip bounds swapped (1 + ε_low) → test_gradients_match_the_papers_analytic_form
+- InfoNCA weights r_k / K instead of r_k / Σ r_i → test_loss_values_match_the_equations
+- NFT negative ratio without dividing by (1 − r̂) → test_grpo_family_gradient_equals_nft_on_policy,
+  test_nft_drives_policy_to_positive_policy_on_a_bandit
+(The mutation log, with what each run printed, is in the report of issue 2.)
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import torch
+import torch.nn.functional as F
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from strategies import (
+    PolicyBatch,
+    clip_ranges,
+    epsilons_above_one,
+    epsilons_at_most_one,
+    loss_aggs,
+    loss_configs,
+    policy_batches,
+    prompt_weights,
+)
+
+from polopt.losses import get_loss, global_normalizer, group_correct_rate
+
+TIGHT = dict(rtol=1e-9, atol=1e-12)
+
+
+def loss_and_grad(loss_fn, batch: PolicyBatch, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    logprobs = batch.leaf()
+    out = loss_fn(logprobs, batch.old_logprobs, batch.mask, batch.rewards, batch.group_ids, **kwargs)
+    out.loss.backward()
+    return out.loss.detach(), logprobs.grad
+
+
+# ---------------------------------------------------------------- independent reference formulas
+
+
+def reference_group_stats(batch: PolicyBatch) -> tuple[list[float], list[float]]:
+    """r̂ and population std of each row's group, from Python lists."""
+    members: dict[int, list[float]] = {}
+    for gid, reward in zip(batch.group_ids.tolist(), batch.rewards.tolist()):
+        members.setdefault(gid, []).append(reward)
+    rate = [statistics.fmean(members[g]) for g in batch.group_ids.tolist()]
+    std = [statistics.pstdev(members[g]) for g in batch.group_ids.tolist()]
+    return rate, std
+
+
+def aggregation_weights(mask: torch.Tensor, loss_agg: str, horizon: int | None = None) -> torch.Tensor:
+    """w [B, T] with loss = Σ_bt w_bt ℓ_bt, from verl's definitions of the five modes."""
+    rows, width = mask.shape
+    m = mask.double()
+    lengths = m.sum(dim=1, keepdim=True)
+    if loss_agg == "token-mean":
+        return m / max(m.sum().item(), 1)
+    if loss_agg == "token-sum":
+        return m
+    if loss_agg == "seq-mean-token-mean":
+        return torch.where(lengths > 0, m / lengths.clamp(min=1), 0.0) / rows
+    if loss_agg == "seq-mean-token-sum":
+        return m / rows
+    if loss_agg == "seq-mean-token-sum-norm":
+        return m / (rows * (horizon or width))
+    raise AssertionError(loss_agg)
+
+
+def reference_token_loss(name: str, hp: dict, reward: float, rate: float, std: float, log_ratio: float) -> float:
+    ratio = math.exp(log_ratio)
+    if name == "rft":
+        return reward * -log_ratio
+    if name == "nft":
+        omega = {"constant": 1.0, "dr_grpo": 1 - rate, "grpo": math.sqrt((1 - rate) / rate)}[hp["prompt_weight"]]
+        negative = -math.log(max((1 - rate * ratio) / (1 - rate), hp["epsilon"]))
+        return omega * (reward * -log_ratio + (1 - reward) * hp["neg_weight"] * negative)
+    advantage = (reward - rate) / std if name in ("grpo", "dapo") else reward - rate
+    clipped = min(max(ratio, 1 - hp["clip_low"]), 1 + hp["clip_high"])
+    return -min(ratio * advantage, clipped * advantage)
+
+
+def reference_loss(name: str, hp: dict, batch: PolicyBatch) -> float:
+    rate, std = reference_group_stats(batch)
+    mask, rewards = batch.mask, batch.rewards.tolist()
+    log_ratio = torch.where(mask, batch.logprobs - batch.old_logprobs, 0.0).tolist()
+    if name == "infonca":
+        return reference_infonca(hp, batch, rate, log_ratio)
+    weights = aggregation_weights(mask, hp["loss_agg"]).tolist()
+    total = 0.0
+    for b in range(mask.shape[0]):
+        if not 0 < rate[b] < 1:
+            continue
+        for t in range(int(mask[b].sum())):
+            total += weights[b][t] * reference_token_loss(name, hp, rewards[b], rate[b], std[b], log_ratio[b][t])
+    return total
+
+
+def reference_infonca(hp: dict, batch: PolicyBatch, rate: list[float], log_ratio: list[list[float]]) -> float:
+    groups: dict[int, list[int]] = {}
+    for b, gid in enumerate(batch.group_ids.tolist()):
+        groups.setdefault(gid, []).append(b)
+    total = 0.0
+    for rows in groups.values():
+        if not 0 < rate[rows[0]] < 1:
+            continue
+        h = {b: sum(log_ratio[b]) for b in rows}
+        log_norm = math.log(sum(math.exp(hp["beta"] * h[b]) for b in rows))
+        positives = [b for b in rows if batch.rewards[b] == 1]
+        for b in positives:
+            token_mean = h[b] / max(int(batch.mask[b].sum()), 1)
+            total += -(hp["beta"] * h[b] - log_norm + hp["sft_coef"] * token_mean) / len(positives)
+    return total / len(groups)
+
+
+@given(policy_batches(), loss_configs())
+def test_loss_values_match_the_equations(batch, config):
+    """Every loss equals its equation (Eq. 3/4, 10, Appendix B) evaluated token by token."""
+    name, hp = config
+    loss, _ = loss_and_grad(get_loss(name, **hp), batch)
+    assert math.isclose(loss.item(), reference_loss(name, hp, batch), rel_tol=1e-9, abs_tol=1e-12)
+
+
+# ---------------------------------------------------------------- identity 1 (Prop. 4.2, Remark A.3)
+
+
+@given(policy_batches(), loss_aggs, epsilons_at_most_one, clip_ranges, clip_ranges)
+def test_grpo_family_gradient_equals_nft_on_policy(batch, loss_agg, epsilon, clip_low, clip_high):
+    """Prop. 4.2: at R_t = 1 and ε ≤ 1, ∇NFT(ω=grpo) = ∇GRPO = ∇DAPO and ∇NFT(ω=dr_grpo) = ∇Dr.GRPO."""
+    batch = batch.on_policy()
+    clip = dict(clip_low=clip_low, clip_high=clip_high, loss_agg=loss_agg)
+    _, nft_grpo = loss_and_grad(get_loss("nft", epsilon=epsilon, prompt_weight="grpo", loss_agg=loss_agg), batch)
+    _, nft_dr = loss_and_grad(get_loss("nft", epsilon=epsilon, prompt_weight="dr_grpo", loss_agg=loss_agg), batch)
+    _, grpo = loss_and_grad(get_loss("grpo", **clip), batch)
+    _, dapo = loss_and_grad(get_loss("dapo", **clip), batch)
+    _, dr_grpo = loss_and_grad(get_loss("dr_grpo", **clip), batch)
+    torch.testing.assert_close(nft_grpo, grpo, **TIGHT)
+    torch.testing.assert_close(nft_grpo, dapo, **TIGHT)
+    torch.testing.assert_close(nft_dr, dr_grpo, **TIGHT)
+    assert grpo.abs().max() > 0  # the first group always has signal
+
+
+def has_negative_signal_token(batch: PolicyBatch) -> bool:
+    rate = group_correct_rate(batch.rewards, batch.group_ids)
+    rows = (batch.rewards == 0) & (rate > 0) & (rate < 1)
+    return bool((batch.mask & rows[:, None]).any())
+
+
+@given(policy_batches(), loss_aggs, epsilons_above_one, st.sampled_from(["grpo", "dr_grpo"]))
+def test_nft_differs_from_grpo_on_policy_when_epsilon_exceeds_one(batch, loss_agg, epsilon, weight):
+    """ε > 1 breaks Prop. 4.2: max(1, ε) = ε scales the negative tokens' gradient by 1/ε."""
+    assume(has_negative_signal_token(batch))
+    batch = batch.on_policy()
+    _, nft = loss_and_grad(get_loss("nft", epsilon=epsilon, prompt_weight=weight, loss_agg=loss_agg), batch)
+    _, rl = loss_and_grad(get_loss(weight, loss_agg=loss_agg), batch)
+    negative = (batch.rewards == 0)[:, None]
+    torch.testing.assert_close(nft, torch.where(negative, rl / epsilon, rl), **TIGHT)
+    assert (nft - rl)[negative.expand_as(nft)].abs().max() > 1e-6
+
+
+# ---------------------------------------------------------------- identity 2
+
+
+@given(policy_batches(), loss_aggs, st.floats(0.05, 3.0))
+def test_nft_without_negatives_and_constant_weight_is_rft(batch, loss_agg, epsilon):
+    nft = get_loss("nft", epsilon=epsilon, prompt_weight="constant", neg_weight=0.0, loss_agg=loss_agg)
+    nft_loss, nft_grad = loss_and_grad(nft, batch)
+    rft_loss, rft_grad = loss_and_grad(get_loss("rft", loss_agg=loss_agg), batch)
+    torch.testing.assert_close(nft_loss, rft_loss, **TIGHT)
+    torch.testing.assert_close(nft_grad, rft_grad, **TIGHT)
+
+
+@given(policy_batches(), loss_aggs, epsilons_at_most_one, prompt_weights, st.floats(0.0, 2.0))
+def test_nft_loss_is_zero_at_the_old_policy(batch, loss_agg, epsilon, weight, neg_weight):
+    """Sec. 3.2: π_θ = π_old gives L = 0 exactly (R = 1, (1 − r̂)/(1 − r̂) = 1)."""
+    nft = get_loss("nft", epsilon=epsilon, prompt_weight=weight, neg_weight=neg_weight, loss_agg=loss_agg)
+    loss, _ = loss_and_grad(nft, batch.on_policy())
+    assert loss.item() == 0.0
+
+
+# ---------------------------------------------------------------- identity 3
+
+
+@given(policy_batches(max_group_size=2, signal_groups_only=True), st.floats(0.01, 2.0))
+def test_infonca_with_one_right_and_one_wrong_answer_is_dpo(batch, beta):
+    """Appendix B: with K = 2, InfoNCA is DPO, −log σ(β(h_w − h_l)), with π_ref = π_old."""
+    logprobs = batch.leaf()
+    out = get_loss("infonca", beta=beta)(logprobs, batch.old_logprobs, batch.mask, batch.rewards, batch.group_ids)
+    out.loss.backward()
+
+    dpo_logprobs = batch.leaf()
+    h = torch.where(batch.mask, dpo_logprobs - batch.old_logprobs, 0.0).sum(dim=1)
+    pairs = [torch.nonzero(batch.group_ids == g).flatten() for g in batch.group_ids.unique()]
+    margins = torch.stack([h[p][batch.rewards[p] == 1].sum() - h[p][batch.rewards[p] == 0].sum() for p in pairs])
+    dpo = -F.logsigmoid(beta * margins).mean()
+    dpo.backward()
+    torch.testing.assert_close(out.loss.detach(), dpo.detach(), **TIGHT)
+    torch.testing.assert_close(logprobs.grad, dpo_logprobs.grad, **TIGHT)
+
+
+# ---------------------------------------------------------------- identity 4 (Prop. 4.1, Eq. 11–12)
+
+
+def analytic_gradient(name: str, hp: dict, batch: PolicyBatch) -> torch.Tensor:
+    """∂loss/∂log π_θ from Eq. 11 (GRPO family), Eq. 12 (NFT) and RFT's −r, times the aggregation weight."""
+    rate, std = (torch.tensor(v, dtype=torch.float64)[:, None] for v in reference_group_stats(batch))
+    reward = batch.rewards[:, None]
+    ratio = torch.exp(torch.where(batch.mask, batch.logprobs - batch.old_logprobs, 0.0))
+    safe = torch.where((rate > 0) & (rate < 1), rate, 0.5)
+    if name == "rft":
+        per_token = -reward.expand_as(ratio)
+    elif name == "nft":
+        omega = {"constant": 1.0, "dr_grpo": 1 - safe, "grpo": torch.sqrt((1 - safe) / safe)}[hp["prompt_weight"]]
+        negative_ratio = (1 - safe * ratio) / (1 - safe)
+        negative = hp["neg_weight"] * (safe / (1 - safe)) * ratio / negative_ratio.clamp(min=hp["epsilon"])
+        per_token = omega * torch.where(reward == 1, -torch.ones_like(ratio), negative)
+    else:
+        advantage = (reward - safe) / std.clamp(min=1e-300) if name in ("grpo", "dapo") else reward - safe
+        inside = ((advantage > 0) & (ratio < 1 + hp["clip_high"])) | ((advantage < 0) & (ratio > 1 - hp["clip_low"]))
+        per_token = torch.where(inside, -advantage * ratio, 0.0)
+    per_token = torch.where((rate > 0) & (rate < 1), per_token, 0.0)
+    return per_token * aggregation_weights(batch.mask, hp["loss_agg"])
+
+
+@given(
+    policy_batches(max_log_ratio_scale=2.0),
+    loss_configs(names=("nft", "rft", "grpo", "dr_grpo", "dapo")),
+)
+def test_gradients_match_the_papers_analytic_form(batch, config):
+    """Off-policy: GRPO's gradient is −A·R inside the clip region and 0 outside (Eq. 11); NFT's
+    negative weight is 1/max((1 − r̂R)/(1 − r̂), ε), with the straight-through gradient (Eq. 12)."""
+    name, hp = config
+    _, grad = loss_and_grad(get_loss(name, **hp), batch)
+    torch.testing.assert_close(grad, analytic_gradient(name, hp, batch), **TIGHT)
+
+
+# ---------------------------------------------------------------- identity 5 (Theorem 3.1)
+
+
+@settings(max_examples=max(4, settings.default.max_examples // 6))
+@given(
+    st.lists(st.tuples(st.integers(1, 4), st.integers(1, 3)), min_size=2, max_size=5),
+)
+def test_nft_drives_policy_to_positive_policy_on_a_bandit(answers):
+    """Theorem 3.1: minimising −E_{a∼π⁻} log((π(a) − r_q π_θ(a))/(1 − r_q)) (Eq. 8) gives π_θ = π⁺.
+
+    A finite answer set; answer a has π(a) = c_a / C and p(r=1|a) = k_a / 4. The negative data is a
+    perfectly balanced sample: answer a appears c_a (4 − k_a) times with reward 0, so its empirical
+    distribution is π⁻ and the group's correct rate is r_q = Σ π p exactly. One token per answer,
+    so token level = sequence level. Only negative rows enter the loss (r_q passed as correct_rate);
+    ε = 0.05 lies below (1 − p)/(1 − r_q) ≥ 0.25, so the clip is inactive at the optimum.
+    """
+    counts = torch.tensor([c for c, _ in answers], dtype=torch.float64)
+    p_right = torch.tensor([k for _, k in answers], dtype=torch.float64) / 4
+    pi = counts / counts.sum()
+    correct_rate = (pi * p_right).sum()
+    pi_plus = pi * p_right / correct_rate
+
+    answer_of_row = torch.tensor([a for a, (c, k) in enumerate(answers) for _ in range(c * (4 - k))])
+    rows = answer_of_row.numel()
+    old_logprobs = pi.log()[answer_of_row][:, None]
+    mask = torch.ones(rows, 1, dtype=torch.bool)
+    rewards, group_ids = torch.zeros(rows), torch.zeros(rows, dtype=torch.long)
+    loss_fn = get_loss("nft", epsilon=0.05, prompt_weight="constant")
+
+    logits = pi.log().clone().requires_grad_(True)  # π_θ ← π (Algorithm 1, line 10)
+    steps = 300
+    optimizer = torch.optim.Adam([logits], lr=0.1)
+    # Linear decay to 0: Adam's step does not shrink with the gradient, so without it π_θ jitters
+    # around the optimum (and leaves it when π⁺ = π, where the gradient is float noise).
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
+    for _ in range(steps):
+        logprobs = torch.log_softmax(logits, dim=0)[answer_of_row][:, None]
+        out = loss_fn(logprobs, old_logprobs, mask, rewards, group_ids, correct_rate=correct_rate.expand(rows))
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        schedule.step()
+    torch.testing.assert_close(torch.softmax(logits.detach(), dim=0), pi_plus, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------- identity 6
+
+
+@st.composite
+def splits(draw, batch: PolicyBatch, whole_groups: bool) -> list[torch.Tensor]:
+    """Row indices of 1–4 disjoint parts covering the batch (whole groups if asked)."""
+    units = batch.group_ids if whole_groups else torch.arange(batch.rewards.numel())
+    unique_units = units.unique()
+    parts = draw(st.integers(1, min(4, unique_units.numel())))
+    assignment = torch.tensor(draw(st.lists(st.integers(0, parts - 1), min_size=unique_units.numel(), max_size=unique_units.numel())))
+    part_of_row = assignment[torch.searchsorted(unique_units, units)]
+    return [rows for part in range(parts) if (rows := (part_of_row == part).nonzero().flatten()).numel()]
+
+
+@given(policy_batches(), loss_configs(), st.data())
+def test_split_batches_with_global_normalizer_match_whole(batch, config, data):
+    """Micro-batches (or ranks), each trimmed to its own longest response and given r̂ of the whole
+    groups, summed with the global normalizer, give the whole batch's loss and gradient."""
+    name, hp = config
+    loss_fn = get_loss(name, **hp)
+    whole_loss, whole_grad = loss_and_grad(loss_fn, batch)
+
+    parts = data.draw(splits(batch, whole_groups=name == "infonca"))
+    normalizer = global_normalizer(loss_fn, batch.mask, group_ids=batch.group_ids)
+    correct_rate = group_correct_rate(batch.rewards, batch.group_ids)
+    logprobs = batch.leaf()
+    total = torch.zeros((), dtype=torch.float64)
+    for rows in parts:
+        width = max(int(batch.lengths[rows].max()), 1)
+        out = loss_fn(
+            logprobs[rows, :width],
+            batch.old_logprobs[rows, :width],
+            batch.mask[rows, :width],
+            batch.rewards[rows],
+            batch.group_ids[rows],
+            correct_rate=correct_rate[rows],
+            normalizer=normalizer,
+        )
+        out.loss.backward()
+        total = total + out.loss.detach()
+    torch.testing.assert_close(total, whole_loss, **TIGHT)
+    torch.testing.assert_close(logprobs.grad, whole_grad, **TIGHT)
