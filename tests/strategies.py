@@ -59,19 +59,20 @@ def policy_batches(
     max_group_size: int = 16,
     max_len: int = 10,
     min_len: int = 0,
-    signal_groups_only: bool = False,
+    signal: str = "first",
     max_log_ratio_scale: float = 1.5,
     dtype: torch.dtype = torch.float64,
     padding_value: Optional[float] = None,
 ) -> PolicyBatch:
-    """A batch of groups. The first group always has right and wrong answers with tokens; the others
-    may be all right or all wrong unless `signal_groups_only`. Padding holds garbage (±50, or
-    `padding_value`) that every loss must ignore. log π_old = log π_θ + scale·N(0, 1) on tokens."""
+    """A batch of groups. `signal`: "first" — the first group has a right and a wrong answer with
+    tokens, the others may be all right or all wrong; "all" — every group is mixed; "none" — every
+    group is all right or all wrong. Padding holds garbage (±50, or `padding_value`) that every loss
+    must ignore. On tokens, log π_old = log π_θ + scale·N(0, 1)."""
     num_groups = draw(st.integers(1, max_groups))
-    patterns = ["mixed"] + [
-        "mixed" if signal_groups_only else draw(st.sampled_from(["mixed", "mixed", "all_right", "all_wrong"]))
-        for _ in range(num_groups - 1)
-    ]
+    choices = {"first": ["mixed", "mixed", "all_right", "all_wrong"], "all": ["mixed"], "none": ["all_right", "all_wrong"]}
+    patterns = [draw(st.sampled_from(choices[signal])) for _ in range(num_groups)]
+    if signal == "first":
+        patterns[0] = "mixed"
     rewards: list[float] = []
     group_ids: list[int] = []
     for group, pattern in enumerate(patterns):
@@ -87,10 +88,10 @@ def policy_batches(
     order = torch.randperm(batch, generator=generator)  # groups interleaved in the batch
     rewards_t = torch.tensor(rewards, dtype=torch.float64)[order]
     group_ids_t = torch.tensor(group_ids)[order]
-    # The first group's signal: one right and one wrong answer with at least one token each.
-    for reward in (0.0, 1.0):
-        row = ((group_ids_t == group_ids[0]) & (rewards_t == reward)).nonzero()[0, 0]
-        lengths[row] = max(int(lengths[row]), 1)
+    if signal != "none":  # the first group's signal: a right and a wrong answer with tokens
+        for reward in (0.0, 1.0):
+            row = ((group_ids_t == group_ids[0]) & (rewards_t == reward)).nonzero()[0, 0]
+            lengths[row] = max(int(lengths[row]), 1)
     mask = torch.arange(width)[None, :] < lengths[:, None]
     logprobs = -3 * torch.rand(batch, width, generator=generator, dtype=torch.float64)
     old_logprobs = logprobs + scale * torch.randn(batch, width, generator=generator, dtype=torch.float64)

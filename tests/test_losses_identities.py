@@ -208,7 +208,7 @@ def test_nft_loss_is_zero_at_the_old_policy(batch, loss_agg, epsilon, weight, ne
 # ---------------------------------------------------------------- identity 3
 
 
-@given(policy_batches(max_group_size=2, signal_groups_only=True), st.floats(0.01, 2.0))
+@given(policy_batches(max_group_size=2, signal="all"), st.floats(0.01, 2.0))
 def test_infonca_with_one_right_and_one_wrong_answer_is_dpo(batch, beta):
     """Appendix B: with K = 2, InfoNCA is DPO, −log σ(β(h_w − h_l)), with π_ref = π_old."""
     logprobs = batch.leaf()

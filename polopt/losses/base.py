@@ -66,16 +66,18 @@ class LossInputs:
 
 
 def check_number(name: str, value, *, low: float, high: float = math.inf, low_open: bool = True) -> float:
-    """`value` as a float in (low, high) ([low, high) if not low_open), or a ValueError saying so."""
-    interval = f"{'(' if low_open else '['}{low}, {high})" if high != math.inf else None
-    expected = interval or (f"> {low}" if low_open else f">= {low}")
+    """`value` as a float above `low` (strictly if low_open) and below `high`, or a ValueError."""
+    if high == math.inf:
+        expected = f"> {low:g}" if low_open else f">= {low:g}"
+    else:
+        expected = f"in {'(' if low_open else '['}{low:g}, {high:g})"
     try:
         number = float(value)
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be a number {expected}, got {value!r}") from None
-    below = number <= low if low_open else number < low
-    if math.isnan(number) or below or number >= high:
-        raise ValueError(f"{name} must be {'in ' + interval if interval else expected}, got {value!r}")
+    above_low = number > low if low_open else number >= low
+    if not (above_low and number < high):  # also rejects NaN
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
     return number
 
 
