@@ -5,12 +5,14 @@
     out = loss_fn(logprobs, old_logprobs, mask, rewards, group_ids)
     out.loss.backward(); out.metrics   # dict of floats
 
-See base.py for the call contract and aggregation.py for `loss_agg` and the normalizer.
+See base.py for the call contract, inputs.py for its checks, aggregation.py for `loss_agg` and
+the normalizer.
 """
 
-from polopt.losses.aggregation import LOSS_AGG_MODES, NORMALIZER_KINDS
-from polopt.losses.base import LossInputs, LossOutput, PolicyLoss, TokenLevelLoss, global_normalizer
+from polopt.losses.aggregation import LOSS_AGG_MODES, NORMALIZER_KINDS, global_normalizer
+from polopt.losses.base import LossOutput, PolicyLoss, TokenLevelLoss
 from polopt.losses.group_stats import group_correct_rate
+from polopt.losses.inputs import LossInputs
 from polopt.losses.registry import get_loss, list_losses, register_loss
 
 # Importing the loss modules registers them.

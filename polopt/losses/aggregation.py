@@ -46,31 +46,30 @@ def check_loss_agg(loss_agg: str) -> str:
     return loss_agg
 
 
-def horizon(mask: torch.Tensor, max_response_len: Optional[int]) -> int:
-    """L of seq-mean-token-sum-norm: `max_response_len` if set (≥ mask width), else mask width."""
+def horizon(width: int, max_response_len: Optional[int]) -> int:
+    """L of seq-mean-token-sum-norm: `max_response_len` if set (≥ the mask's width), else the width."""
     if max_response_len is None:
-        return mask.shape[1]
-    if mask.shape[1] > max_response_len:
-        raise ValueError(
-            f"mask has {mask.shape[1]} token columns, more than max_response_len={max_response_len}"
-        )
+        return width
+    if width > max_response_len:
+        raise ValueError(f"mask has {width} token columns, more than max_response_len={max_response_len}")
     return max_response_len
 
 
 def count_normalizer(
     kind: str,
-    mask: torch.Tensor,
+    lengths: torch.Tensor,
+    width: int,
     *,
     num_groups: Optional[int] = None,
     max_response_len: Optional[int] = None,
 ) -> torch.Tensor:
-    """The denominator of `kind` for the batch that `mask` [B, T] describes (a 0-dim tensor)."""
+    """The denominator of `kind` for a batch of rows with `lengths` [B] tokens, padded to `width`."""
     if kind == "tokens":
-        count = mask.sum()
+        count = lengths.sum()
     elif kind == "sequences":
-        count = mask.shape[0]
+        count = lengths.numel()
     elif kind == "sequences_x_horizon":
-        count = mask.shape[0] * horizon(mask, max_response_len)
+        count = lengths.numel() * horizon(width, max_response_len)
     elif kind == "groups":
         if num_groups is None:
             raise ValueError("normalizer kind 'groups' needs group_ids")
@@ -79,7 +78,7 @@ def count_normalizer(
         count = 1
     else:
         raise ValueError(f"normalizer kind must be one of {NORMALIZER_KINDS}, got {kind!r}")
-    return torch.as_tensor(count, device=mask.device)
+    return torch.as_tensor(count, device=lengths.device)
 
 
 def divide(numerator: torch.Tensor, denominator: Normalizer) -> torch.Tensor:
@@ -89,22 +88,70 @@ def divide(numerator: torch.Tensor, denominator: Normalizer) -> torch.Tensor:
 
 
 def aggregate(
-    token_losses: torch.Tensor,
-    mask: torch.Tensor,
+    row_sums: torch.Tensor,
+    lengths: torch.Tensor,
+    width: int,
     loss_agg: str,
     *,
     normalizer: Optional[Normalizer] = None,
     max_response_len: Optional[int] = None,
 ) -> torch.Tensor:
-    """Scalar loss from ℓ [B, T] (already 0 off the mask) by `loss_agg`, see the module docstring.
+    """Scalar loss from the rows' Σ_t m ℓ [B] and token counts n_b [B] by `loss_agg` (module docstring).
 
     `normalizer`: the denominator of the whole batch; None means this call's batch is the whole batch.
     """
     if loss_agg == "seq-mean-token-mean":
-        tokens_per_row = mask.sum(dim=-1).to(token_losses.dtype)
-        numerator = (token_losses.sum(dim=-1) / tokens_per_row.clamp(min=1)).sum()
+        numerator = (row_sums / lengths.clamp(min=1)).sum()
     else:
-        numerator = token_losses.sum()
+        numerator = row_sums.sum()
     if normalizer is None:
-        normalizer = count_normalizer(LOSS_AGG_MODES[loss_agg], mask, max_response_len=max_response_len)
+        kind = LOSS_AGG_MODES[loss_agg]
+        normalizer = count_normalizer(kind, lengths, width, max_response_len=max_response_len)
     return divide(numerator, normalizer)
+
+
+def global_normalizer(
+    loss_fn_or_loss_agg,
+    mask: torch.Tensor,
+    group_ids: Optional[torch.Tensor] = None,
+    *,
+    max_response_len: Optional[int] = None,
+) -> float:
+    """The denominator of the whole batch described by `mask` [B, T] (and `group_ids` [B]).
+
+    Pass it as `normalizer=` to the loss of every micro-batch of that batch: the micro-batch losses
+    then sum to exactly the whole-batch loss, and so do their gradients.
+
+        token-mean                → Σ mask              (kind "tokens")
+        seq-mean-token-mean/-sum  → B                   (kind "sequences")
+        seq-mean-token-sum-norm   → B · L               (kind "sequences_x_horizon"; L below)
+        infonca                   → number of groups    (kind "groups"; needs group_ids)
+        token-sum                 → 1                   (kind "none")
+
+    L is `max_response_len` if given here, else the loss's own `max_response_len`, else mask.shape[1]
+    of this (whole) batch — micro-batches trimmed to shorter widths still divide by the same L.
+    Data parallel: every kind but "none" is additive over disjoint parts of the batch (whole groups
+    for "groups"), so all-reduce SUM of the per-rank values gives the global value; for "none" it
+    is 1 on every rank (do not sum it).
+    """
+    if hasattr(loss_fn_or_loss_agg, "normalizer_kind"):  # a PolicyLoss
+        kind = loss_fn_or_loss_agg.normalizer_kind
+        if max_response_len is None:
+            max_response_len = loss_fn_or_loss_agg.max_response_len
+    elif isinstance(loss_fn_or_loss_agg, str) and loss_fn_or_loss_agg in LOSS_AGG_MODES:
+        kind = LOSS_AGG_MODES[loss_fn_or_loss_agg]
+    else:
+        raise ValueError(
+            f"global_normalizer needs a PolicyLoss or a loss_agg in {list(LOSS_AGG_MODES)}, got {loss_fn_or_loss_agg!r}"
+        )
+    if mask.dim() != 2:
+        raise ValueError(f"mask must be [B, T], got shape {list(mask.shape)}")
+    num_groups = None
+    if kind == "groups":
+        if group_ids is None:
+            raise ValueError("global_normalizer for a per-group loss (infonca) needs group_ids [B]")
+        num_groups = torch.unique(group_ids).numel()
+    lengths = mask.to(torch.bool).sum(dim=-1)
+    return float(
+        count_normalizer(kind, lengths, mask.shape[1], num_groups=num_groups, max_response_len=max_response_len).item()
+    )

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from polopt.losses.base import LossInputs
+from polopt.losses.inputs import LossInputs
 from polopt.losses.group_stats import dr_grpo_advantage
 from polopt.losses.grpo import GRPOLoss
 from polopt.losses.registry import register_loss

@@ -2,6 +2,7 @@
 
     A = (r − r̂) / sqrt(r̂ (1 − r̂))        (Eq. 4: population std of binary rewards, no epsilon)
     ℓ_t = −min(R_t A, clip(R_t, 1 − ε_low, 1 + ε_high) A)                             (Eq. 3)
+        = −A · min(R_t, 1 + ε_high)  if A > 0,   −A · max(R_t, 1 − ε_low)  if A < 0
 
 `clip_low`/`clip_high` are ε_low/ε_high. The gradient is −A ∇R_t inside the clip region and 0
 outside it (Eq. 11). Default aggregation: mean over each sequence's tokens, then over sequences
@@ -14,7 +15,8 @@ from typing import Optional
 
 import torch
 
-from polopt.losses.base import LossInputs, TokenLevelLoss, check_number
+from polopt.losses.base import TokenLevelLoss
+from polopt.losses.inputs import LossInputs, check_number
 from polopt.losses.group_stats import grpo_advantage
 from polopt.losses.ratios import likelihood_ratio
 from polopt.losses.registry import register_loss
@@ -40,17 +42,20 @@ class GRPOLoss(TokenLevelLoss):
     def token_losses(self, inputs: LossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         advantage = self.advantages(inputs)[:, None]
         ratio = likelihood_ratio(inputs.log_ratio)
-        clipped_ratio = ratio.clamp(1 - self.clip_low, 1 + self.clip_high)
-        token_losses = -torch.minimum(ratio * advantage, clipped_ratio * advantage)
+        # min(R A, clip(R) A) = A·min(R, 1 + ε_high) for A > 0 and A·max(R, 1 − ε_low) for A < 0:
+        # a one-sided clip per row, whose gradient is Eq. 11's indicator.
+        lower = torch.full_like(advantage, -torch.inf).masked_fill(advantage < 0, 1 - self.clip_low)
+        upper = torch.full_like(advantage, torch.inf).masked_fill(advantage > 0, 1 + self.clip_high)
+        token_losses = -advantage * torch.clamp(ratio, lower, upper)
 
-        # Tokens whose gradient the clip zeroes (Eq. 11): A > 0 above 1 + ε_high, A < 0 below 1 − ε_low.
-        tokens = inputs.mask & inputs.informative[:, None]
-        count = tokens.sum().clamp(min=1)
-        clipped_high = tokens & (advantage > 0) & (ratio.detach() > 1 + self.clip_high)
-        clipped_low = tokens & (advantage < 0) & (ratio.detach() < 1 - self.clip_low)
+        # Fraction of tokens (in groups with signal) whose gradient the clip zeroes.
+        rows = inputs.informative
+        clipped_high = torch.count_nonzero((ratio.detach() > upper) & inputs.mask, dim=-1)
+        clipped_low = torch.count_nonzero((ratio.detach() < lower) & inputs.mask, dim=-1)
+        tokens = torch.where(rows, inputs.lengths, 0).sum().clamp(min=1)
         metrics = {
-            "clip_frac": (clipped_high | clipped_low).sum() / count,
-            "clip_frac_high": clipped_high.sum() / count,
-            "clip_frac_low": clipped_low.sum() / count,
+            "clip_frac_high": torch.where(rows, clipped_high, 0).sum() / tokens,
+            "clip_frac_low": torch.where(rows, clipped_low, 0).sum() / tokens,
         }
+        metrics["clip_frac"] = metrics["clip_frac_high"] + metrics["clip_frac_low"]
         return token_losses, metrics

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from polopt.losses.aggregation import count_normalizer, divide
-from polopt.losses.base import LossInputs, PolicyLoss, check_number
+from polopt.losses.aggregation import divide
+from polopt.losses.base import PolicyLoss
+from polopt.losses.inputs import LossInputs, check_number
 from polopt.losses.group_stats import group_index
 from polopt.losses.registry import register_loss
 
@@ -52,11 +53,8 @@ class InfoNCALoss(PolicyLoss):
         target = rewards / num_positive[index].clamp(min=1)  # r_k / Σ_i r_i
         token_mean_log_ratio = sequence_log_ratio / tokens.clamp(min=1)
         row_losses = -target * (log_probs + self.sft_coef * token_mean_log_ratio)
-        row_losses = torch.where(inputs.informative, row_losses, torch.zeros_like(row_losses))
-
-        if normalizer is None:
-            normalizer = count_normalizer("groups", inputs.mask, num_groups=num_groups)
-        loss = divide(row_losses.sum(), normalizer)
+        row_losses = torch.where(inputs.informative, row_losses, 0.0)  # groups without signal: exactly 0
+        loss = divide(row_losses.sum(), num_groups if normalizer is None else normalizer)
 
         with torch.no_grad():
             informative_groups = torch.zeros_like(num_positive).index_add(0, index, inputs.informative.to(rewards.dtype))

@@ -18,7 +18,8 @@ from typing import Optional
 
 import torch
 
-from polopt.losses.base import LossInputs, TokenLevelLoss, check_number
+from polopt.losses.base import TokenLevelLoss
+from polopt.losses.inputs import LossInputs, check_number
 from polopt.losses.group_stats import PROMPT_WEIGHTS, prompt_weight, safe_correct_rate
 from polopt.losses.ratios import likelihood_ratio, max_v
 from polopt.losses.registry import register_loss
@@ -49,9 +50,13 @@ class NFTLoss(TokenLevelLoss):
         negative_ratio = (1 - correct_rate * likelihood_ratio(inputs.log_ratio)) / (1 - correct_rate)
         positive_term = -inputs.log_ratio
         negative_term = -torch.log(max_v(negative_ratio, self.epsilon))
-        token_losses = weight * torch.where(positive, positive_term, self.neg_weight * negative_term)
+        if self.neg_weight != 1.0:
+            negative_term = self.neg_weight * negative_term
+        token_losses = weight * torch.where(positive, positive_term, negative_term)
 
-        negative_tokens = inputs.mask & ~positive & inputs.informative[:, None]
-        clipped = negative_tokens & (negative_ratio.detach() < self.epsilon)
-        metrics = {"neg_clip_frac": clipped.sum() / negative_tokens.sum().clamp(min=1)}
-        return token_losses, metrics
+        # Fraction of negative tokens (in groups with signal) whose ratio max_v clips at ε.
+        negative_rows = ~inputs.positive & inputs.informative
+        clipped_per_row = torch.count_nonzero((negative_ratio.detach() < self.epsilon) & inputs.mask, dim=-1)
+        clipped = torch.where(negative_rows, clipped_per_row, 0).sum()
+        negative_tokens = torch.where(negative_rows, inputs.lengths, 0).sum()
+        return token_losses, {"neg_clip_frac": clipped / negative_tokens.clamp(min=1)}

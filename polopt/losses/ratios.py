@@ -17,7 +17,7 @@ MAX_LOG_RATIO = 60.0
 
 def masked_log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """log R_t on response tokens, exactly 0 on padding (whatever the padding holds, even NaN)."""
-    return torch.where(mask, logprobs - old_logprobs, torch.zeros_like(logprobs))
+    return torch.where(mask, logprobs - old_logprobs, 0.0)
 
 
 def likelihood_ratio(log_ratio: torch.Tensor) -> torch.Tensor:

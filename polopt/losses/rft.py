@@ -13,7 +13,8 @@ from typing import Optional
 
 import torch
 
-from polopt.losses.base import LossInputs, TokenLevelLoss
+from polopt.losses.base import TokenLevelLoss
+from polopt.losses.inputs import LossInputs
 from polopt.losses.registry import register_loss
 
 
@@ -25,5 +26,4 @@ class RFTLoss(TokenLevelLoss):
         super().__init__(loss_agg, max_response_len, kl_coef)
 
     def token_losses(self, inputs: LossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        positive = inputs.positive[:, None]
-        return torch.where(positive, -inputs.log_ratio, torch.zeros_like(inputs.log_ratio)), {}
+        return torch.where(inputs.positive[:, None], -inputs.log_ratio, 0.0), {}
