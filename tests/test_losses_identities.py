@@ -10,25 +10,41 @@
 6. Micro-batches/ranks with the global normalizer sum to the whole batch's loss and gradient.
 Plus: every loss value equals its equation, written out row by row with an independent reference.
 
-Mutations tried by hand (each made at least one test here fail; the first listed caught it):
-- GRPO std unbiased (K−1) instead of population → test_grpo_family_gradient_equals_nft_on_policy,
-  test_loss_values_match_the_equations
-- std + 1e-6 in the GRPO advantage → test_grpo_family_gradient_equals_nft_on_policy (rtol 1e-9),
-  test_loss_values_match_the_equations
-- max_v without straight-through (plain clamp) → test_gradients_match_the_papers_analytic_form
-- max_v as stop_grad[max(x, ε) − x] + x (cancellation) →
-  test_losses_numerics.py::test_nft_value_is_exact_at_extreme_log_ratios
-- each aggregation mode swapped with another (5 modes) → test_loss_values_match_the_equations,
-  test_gradients_match_the_papers_analytic_form
-- ω choice swapped (dr_grpo ↔ grpo) → test_grpo_family_gradient_equals_nft_on_policy
-- per-micro-batch token mean (normalizer ignored) → test_split_batches_with_global_normalizer_match_whole
-- seq-mean-token-sum-norm with L = each micro-batch's own width →
-  test_split_batches_with_global_normalizer_match_whole
-- clip fractions / clip bounds swapped (1 + ε_low) → test_gradients_match_the_papers_analytic_form
-- InfoNCA weights r_k / K instead of r_k / Σ r_i → test_loss_values_match_the_equations
-- NFT negative ratio without dividing by (1 − r̂) → test_grpo_family_gradient_equals_nft_on_policy,
-  test_nft_drives_policy_to_positive_policy_on_a_bandit
-(The mutation log, with what each run printed, is in the report of issue 2.)
+Mutations tried by hand (each applied alone to a copy of polopt/losses, all three test_losses_*
+files run with 60 derandomized examples; every mutation failed at least one test). Test names
+without a file are in this module; numerics = test_losses_numerics.py, api = test_losses_api.py.
+
+  mutation                                          caught by
+  GRPO std unbiased (K − 1) instead of population   test_grpo_family_gradient_equals_nft_on_policy,
+                                                    test_loss_values_match_the_equations, + 3
+  std + 1e-6 in the GRPO advantage                  test_grpo_family_gradient_equals_nft_on_policy
+                                                    (rtol 1e-9), test_loss_values_match_the_equations
+  max_v without straight-through (plain clamp)      test_gradients_match_the_papers_analytic_form,
+                                                    test_nft_differs_from_grpo_on_policy_when_epsilon_exceeds_one
+  max_v as stop_grad[max(x, ε) − x] + x             numerics::test_nft_value_is_exact_at_extreme_log_ratios,
+                                                    numerics::test_loss_and_gradient_are_finite_at_log_ratios_of_40
+  token-mean ÷ sequences; token-sum ÷ tokens;       test_loss_values_match_the_equations,
+  seq-mean-token-mean ↔ seq-mean-token-sum;         test_gradients_match_the_papers_analytic_form
+  seq-mean-token-sum ÷ tokens; sum-norm without L   (+ api::test_global_normalizer_per_kind)
+  ω choice swapped (dr_grpo ↔ grpo)                 test_grpo_family_gradient_equals_nft_on_policy
+  per-micro-batch mean (normalizer ignored)         test_split_batches_with_global_normalizer_match_whole
+  seq-mean-token-sum-norm with L = own width        test_split_batches_with_global_normalizer_match_whole
+  correct_rate= ignored (r̂ from the rows given)     test_split_batches_with_global_normalizer_match_whole,
+                                                    test_nft_drives_policy_to_positive_policy_on_a_bandit
+  GRPO upper clip 1 + ε_low; clip sides swapped     test_gradients_match_the_papers_analytic_form
+  NFT clips at min(ε, 1)                            test_nft_differs_from_grpo_on_policy_when_epsilon_exceeds_one
+  NFT negative ratio without ÷ (1 − r̂)              test_grpo_family_gradient_equals_nft_on_policy,
+                                                    test_nft_loss_is_zero_at_the_old_policy, + 5
+  RFT weighted by 1 − r̂                             test_nft_without_negatives_and_constant_weight_is_rft
+  InfoNCA weights r_k / K instead of r_k / Σ r_i    test_infonca_with_one_right_and_one_wrong_answer_is_dpo
+  rows without signal not masked (token losses)     numerics::test_groups_without_signal_contribute_exactly_zero
+  InfoNCA keeps all-right groups                    numerics::test_batches_of_all_right_or_all_wrong_groups_give_zero_loss_and_gradient
+  no r̂ = ½ placeholder (0·inf at r̂ ∈ {0, 1})        numerics::test_groups_without_signal_contribute_exactly_zero, + 10
+  padding × mask instead of torch.where             numerics::test_padding_is_ignored_even_when_it_holds_nan
+  no cap on exp(log R); cap at ±20 (verl)           numerics::test_loss_and_gradient_are_finite_for_any_finite_log_ratio_in_float32;
+                                                    numerics::test_nft_value_is_exact_at_extreme_log_ratios
+  DAPO clip_high default 0.2                        api::test_defaults_follow_the_papers
+  k3 KL direction flipped                           api::test_k3_kl_term_adds_kl_coef_times_k3
 """
 
 from __future__ import annotations

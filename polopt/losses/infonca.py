@@ -19,8 +19,8 @@ import torch
 
 from polopt.losses.aggregation import divide
 from polopt.losses.base import PolicyLoss
-from polopt.losses.inputs import LossInputs, check_number
 from polopt.losses.group_stats import group_index
+from polopt.losses.inputs import LossInputs, check_number
 from polopt.losses.registry import register_loss
 
 
@@ -44,20 +44,19 @@ class InfoNCALoss(PolicyLoss):
 
     def compute(self, inputs: LossInputs, normalizer):
         index, num_groups = group_index(inputs.group_ids)
-        tokens = inputs.mask.sum(dim=-1)
         sequence_log_ratio = inputs.log_ratio.sum(dim=-1)
         log_probs = group_log_softmax(self.beta * sequence_log_ratio, index, num_groups)
 
         rewards = inputs.rewards
         num_positive = torch.zeros(num_groups, dtype=rewards.dtype, device=rewards.device).index_add(0, index, rewards)
         target = rewards / num_positive[index].clamp(min=1)  # r_k / Σ_i r_i
-        token_mean_log_ratio = sequence_log_ratio / tokens.clamp(min=1)
+        token_mean_log_ratio = sequence_log_ratio / inputs.lengths.clamp(min=1)
         row_losses = -target * (log_probs + self.sft_coef * token_mean_log_ratio)
         row_losses = torch.where(inputs.informative, row_losses, 0.0)  # groups without signal: exactly 0
         loss = divide(row_losses.sum(), num_groups if normalizer is None else normalizer)
 
-        with torch.no_grad():
-            informative_groups = torch.zeros_like(num_positive).index_add(0, index, inputs.informative.to(rewards.dtype))
-            informative_groups = (informative_groups > 0).sum().clamp(min=1)
-            positive_mass = torch.where(inputs.informative & inputs.positive, log_probs.exp(), 0).sum()
-        return loss, {"positive_prob_mass": positive_mass / informative_groups}
+        with torch.no_grad():  # softmax mass on the right answers, averaged over groups with signal
+            group_size = torch.bincount(index, minlength=num_groups)[index]
+            groups_with_signal = torch.where(inputs.informative, 1 / group_size, 0.0).sum()  # Σ 1/K = count
+            positive_mass = torch.where(inputs.informative & inputs.positive, log_probs.exp(), 0.0).sum()
+        return loss, {"positive_prob_mass": positive_mass / groups_with_signal.clamp(min=1)}

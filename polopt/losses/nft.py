@@ -7,8 +7,9 @@
 (1 − r̂ R_t)/(1 − r̂) is the implicit negative policy's likelihood ratio (Eq. 7, Algorithm 1 line
 14); max_v clips its value at ε and keeps its gradient (line 15). ω(q) (`prompt_weight`, Sec. 5.4):
 "constant" 1, "dr_grpo" 1 − r̂ (on-policy ∇ ≡ Dr.GRPO, Remark A.3), "grpo" sqrt((1 − r̂)/r̂)
-(on-policy ∇ ≡ GRPO for ε ≤ 1, Prop. 4.2). Off-policy the gradient weight of a negative token is
-ω · neg_weight / max((1 − r̂ R_t)/(1 − r̂), ε) (Eq. 12). The loss is 0 at π_θ = π_old.
+(on-policy ∇ ≡ GRPO for ε ≤ 1, Prop. 4.2). Off-policy, ∂ℓ_t/∂R_t of a negative token is
+ω · neg_weight · r̂/(1 − r̂) / max((1 − r̂ R_t)/(1 − r̂), ε) (Eq. 12; with ω = grpo, ω·r̂/(1 − r̂) = −A⁻).
+The loss is 0 at π_θ = π_old when ε ≤ 1.
 Defaults follow Appendix B: ε = 1, ω = 1 − r̂, token-level normalisation (`token-mean`).
 """
 
