@@ -1,0 +1,5 @@
+"""Kernels for the trainer's hot path (pure torch, CPU and GPU)."""
+
+from polopt.ops.token_logprobs import logprobs_from_logits, materialized_token_logprobs, token_logprobs
+
+__all__ = ["token_logprobs", "materialized_token_logprobs", "logprobs_from_logits"]
