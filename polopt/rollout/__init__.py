@@ -1,0 +1,79 @@
+"""Rollout engines: K sampled answers per prompt, with the log-probs the sampler used.
+
+Every engine has the same two methods, which is all the recipe, the dynamic sampler and the
+evaluator use:
+
+    engine.generate(prompt_ids: list[list[int]], num_samples: int, params: SamplingParams)
+        -> list[list[Completion]]           # one inner list of K completions per prompt
+    engine.sync_weights(state_dict)         # the trainer's torchtune-named weights after an update
+
+- `NativeRolloutEngine` generates with torchtune KV caches on the trainer's own model (runs anywhere).
+- `VLLMRolloutEngine` drives a colocated `vllm.LLM` (GPU only; `pip install polopt[vllm]`).
+
+Log-prob convention (both engines): the reported log-prob of a sampled token is
+log_softmax(logits / temperature) of the full vocabulary, i.e. *before* top-p / top-k truncation,
+which is exactly what the trainer recomputes with a plain forward at the same temperature.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Protocol
+
+from polopt.batch import Completion
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample. Callers derive per-step variants with `dataclasses.replace(params, seed=...)`.
+
+    `stop_token_ids`: generation of an answer ends at the first of these (kept in the answer);
+    `seed`: same seed and inputs → identical answers (None draws from torch's global RNG).
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: Optional[int] = None
+    max_new_tokens: int = 256
+    stop_token_ids: list[int] = field(default_factory=list)
+    seed: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"SamplingParams.temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or int(self.top_k) != self.top_k or self.top_k < 1):
+            raise ValueError(f"SamplingParams.top_k must be None or an integer >= 1, got {self.top_k!r}")
+        if isinstance(self.max_new_tokens, bool) or int(self.max_new_tokens) != self.max_new_tokens or self.max_new_tokens < 1:
+            raise ValueError(f"SamplingParams.max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        bad = [t for t in self.stop_token_ids if isinstance(t, bool) or int(t) != t or t < 0]
+        if bad:
+            raise ValueError(f"SamplingParams.stop_token_ids must be non-negative integers, got {bad}")
+        # Lists from configs (ListConfig, tuples) become a plain list of ints.
+        object.__setattr__(self, "stop_token_ids", [int(t) for t in self.stop_token_ids])
+
+
+class RolloutEngine(Protocol):
+    def generate(
+        self, prompt_ids: list[list[int]], num_samples: int, params: SamplingParams
+    ) -> list[list[Completion]]: ...
+
+    def sync_weights(self, state_dict: dict) -> None: ...
+
+
+def check_generate_args(prompt_ids: list[list[int]], num_samples: int, params: SamplingParams) -> None:
+    """Input checks shared by the engines: errors name the offending prompt."""
+    if not isinstance(params, SamplingParams):
+        raise TypeError(f"params must be polopt.rollout.SamplingParams, got {type(params).__name__}")
+    if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 1:
+        raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+    for i, ids in enumerate(prompt_ids):
+        if len(ids) == 0:
+            raise ValueError(f"prompt_ids[{i}] is empty: every prompt needs at least one token")
+
+
+from polopt.rollout.native import NativeRolloutEngine  # noqa: E402  (needs SamplingParams above)
+from polopt.rollout.vllm import VLLMRolloutEngine  # noqa: E402
+
+__all__ = ["SamplingParams", "RolloutEngine", "NativeRolloutEngine", "VLLMRolloutEngine", "check_generate_args"]
