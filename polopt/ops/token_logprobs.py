@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 __all__ = ["token_logprobs"]
 
@@ -53,9 +54,9 @@ class _TokenLogprobs(torch.autograd.Function):
             logsumexp[rows] = lse
             logprobs[rows] = logits.gather(1, targets[rows, None]).squeeze(1) - lse
             if return_entropy:
-                # H = lse − Σ p·z ; p computed in place of a copy of nothing: logits is reused.
-                weighted = (logits - lse[:, None]).exp_().mul_(logits).sum(-1)
-                entropy[rows] = lse - weighted
+                # H = −Σ p·(z − lse): every term ≥ 0, no cancellation of lse against Σ p·z.
+                shifted = logits.sub_(lse[:, None])
+                entropy[rows] = -shifted.exp().mul_(shifted).sum(-1)
             del logits
         ctx.save_for_backward(hidden, weight, targets, logsumexp)
         ctx.inv_temperature = inv_temperature
@@ -66,6 +67,7 @@ class _TokenLogprobs(torch.autograd.Function):
         return logprobs, None
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_logprobs, _grad_entropy):
         hidden, weight, targets, logsumexp = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
