@@ -36,6 +36,7 @@ def load_rows(
     split: str = "train",
     question_field: str = "question",
     answer_field: str = "answer",
+    check_answers: bool = True,
 ) -> list[dict]:
     """Question/answer rows from a .jsonl/.json/.parquet file, a local `datasets` dir, or a hub name.
 
@@ -43,8 +44,9 @@ def load_rows(
     ``prompt.0.content``). Numeric answers become strings. Returns
     ``[{"question": str, "answer": str, "source": "<file>:<line>"}]``; for .json arrays, parquet and
     `datasets` sources the "line" is the 1-based row number. Gold answers math-verify cannot parse
-    are logged (file:line and count) here, once, rather than silently scoring every answer 0.
-    `split` applies to `datasets` sources only.
+    are logged (file:line and count) here, once, rather than silently scoring every answer 0
+    (`check_answers=False` skips that: ~2-5 ms per distinct non-numeric answer, e.g. ~15 s for
+    the 8.5k-row MATH training set on one busy core). `split` applies to `datasets` sources only.
     """
     source = str(source)
     path = Path(source).expanduser()
@@ -64,7 +66,8 @@ def load_rows(
     ]
     if not rows:
         raise ValueError(f"{source}: no rows (split={split!r}); a prompt dataset needs at least one")
-    _report_unparseable_gold(rows, source)
+    if check_answers:
+        _report_unparseable_gold(rows, source)
     return rows
 
 
