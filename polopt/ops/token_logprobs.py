@@ -41,12 +41,16 @@ def _chunk_logits(hidden_chunk: torch.Tensor, weight: torch.Tensor, inv_temperat
 
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, inv_temperature, chunk_size, return_entropy):
+    def forward(ctx, hidden, weight, targets, inv_temperature, chunk_size, return_entropy, lead_shape):
+        # Outputs are allocated in their final shape and filled through flat views: returning a
+        # view would defeat FSDP2's pre-backward hook on module outputs.
         dtype = _compute_dtype(hidden.dtype, weight.dtype)
         n = hidden.shape[0]
-        logprobs = torch.empty(n, dtype=dtype, device=hidden.device)
+        logprobs_out = torch.empty(lead_shape, dtype=dtype, device=hidden.device)
+        logprobs = logprobs_out.view(-1)
         logsumexp = torch.empty(n, dtype=dtype, device=hidden.device)
-        entropy = torch.empty(n, dtype=dtype, device=hidden.device) if return_entropy else None
+        entropy_out = torch.empty(lead_shape, dtype=dtype, device=hidden.device) if return_entropy else None
+        entropy = entropy_out.view(-1) if return_entropy else None
         for start in range(0, n, chunk_size):
             rows = slice(start, start + chunk_size)
             logits = _chunk_logits(hidden[rows], weight, inv_temperature, dtype)
@@ -62,9 +66,8 @@ class _TokenLogprobs(torch.autograd.Function):
         ctx.inv_temperature = inv_temperature
         ctx.chunk_size = chunk_size
         if return_entropy:
-            ctx.mark_non_differentiable(entropy)
-            return logprobs, entropy
-        return logprobs, None
+            ctx.mark_non_differentiable(entropy_out)
+        return logprobs_out, entropy_out
 
     @staticmethod
     @once_differentiable
@@ -72,7 +75,7 @@ class _TokenLogprobs(torch.autograd.Function):
         hidden, weight, targets, logsumexp = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if grad_logprobs is None or not (need_hidden or need_weight):
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         dtype = logsumexp.dtype
         inv_t = ctx.inv_temperature
         n = hidden.shape[0]
@@ -80,7 +83,7 @@ class _TokenLogprobs(torch.autograd.Function):
         # Accumulate ∂W over chunks in the compute dtype: summing many bf16 partials loses bits.
         grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_weight else None
         # g/τ folds the projection's 1/τ into the per-row weight once.
-        scaled_grad = grad_logprobs.to(dtype) * inv_t
+        scaled_grad = grad_logprobs.reshape(-1).to(dtype) * inv_t
         for start in range(0, n, ctx.chunk_size):
             rows = slice(start, start + ctx.chunk_size)
             g = scaled_grad[rows]
@@ -99,7 +102,7 @@ class _TokenLogprobs(torch.autograd.Function):
             del grad_logits
         if need_weight:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float, chunk_size: int) -> None:
@@ -163,12 +166,9 @@ def token_logprobs(
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1).long()
     logprobs, entropy = _TokenLogprobs.apply(
-        flat_hidden, weight, flat_targets, 1.0 / float(temperature), chunk_size, return_entropy
+        flat_hidden, weight, flat_targets, 1.0 / float(temperature), chunk_size, return_entropy, lead_shape
     )
-    logprobs = logprobs.view(lead_shape)
-    if return_entropy:
-        return logprobs, entropy.view(lead_shape)
-    return logprobs
+    return (logprobs, entropy) if return_entropy else logprobs
 
 
 def materialized_token_logprobs(
