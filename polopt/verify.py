@@ -198,7 +198,8 @@ def _worker_main() -> None:
     proto_out = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # anything a library prints goes to stderr, not into the protocol
     _quiet_math_verify()
-    import math_verify  # noqa: F401  (import cost paid before "ready")
+    # Pay the import and sympy's lazy first-use costs before "ready", not on the first deadline.
+    score_one("so \\boxed{\\frac{1}{2}}", "0.5")
 
     def on_alarm(signum, frame):
         raise _SoftTimeout()
@@ -207,21 +208,22 @@ def _worker_main() -> None:
     proto_out.write('{"ready": true}\n')
     for line in sys.stdin:
         task = json.loads(line)
+        result = {"score": 0.0}
         signal.setitimer(signal.ITIMER_REAL, task["soft_timeout_s"])
         try:
-            score = score_one(
+            result["score"] = score_one(
                 task["completion"],
                 task["answer"],
                 answer_format=task["answer_format"],
                 max_completion_chars=0,  # the parent already cut it
             )
         except _SoftTimeout:
-            score = 0.0
+            result["timed_out"] = True
         except Exception:  # noqa: BLE001  (any parser failure means "not verified")
-            score = 0.0
+            pass
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
-        proto_out.write(json.dumps({"score": score}) + "\n")
+        proto_out.write(json.dumps(result) + "\n")
 
 
 class _Worker:
@@ -410,6 +412,9 @@ class MathVerifier:
             worker.ready = True
             self._failed_starts = 0
             return
+        if message.get("timed_out"):
+            self.num_timeouts += 1
+            log.warning(f"MathVerifier: answer {worker.task} timed out (cooperative timer); scored 0")
         scores[worker.task] = float(message["score"])
         worker.task = None
 

@@ -1,0 +1,230 @@
+"""MathVerifier: agreement with labelled data, the scoring convention, and survival of hostile answers."""
+
+import json
+import logging
+import os
+import pickle
+import random
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given, strategies as st
+
+from polopt.verify import MathVerifier, last_boxed, unparseable_gold_answers
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+TIMEOUT_S = 1.0
+HANG = 10 * TIMEOUT_S  # a generous bound: this detects hangs, it does not time anything
+
+
+@pytest.fixture(scope="module")
+def verifier():
+    with MathVerifier(timeout_s=TIMEOUT_S, num_workers=2) as v:
+        yield v
+
+
+@pytest.fixture(scope="module")
+def default_verifier():
+    """The default 5 s timeout: some legitimate answers take > 1 s of sympy on a busy CPU."""
+    with MathVerifier(num_workers=2) as v:
+        yield v
+
+
+def _alive(v: MathVerifier) -> bool:
+    return len(v._workers) == v.num_workers and all(w.proc.poll() is None for w in v._workers)
+
+
+# --------------------------------------------------------------------------- agreement with labels
+def _jsonl(name):
+    return [json.loads(line) for line in (SHARED_DATA / name).open()]
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "verifier_cases.jsonl").exists(), reason="../shared/data is not present")
+def test_agrees_with_labelled_completions(default_verifier):
+    rows = _jsonl("verifier_cases.jsonl")
+    math_rows = [r for r in rows if r["dataset"] == "MATH"]
+    gsm8k = random.Random(0).sample([r for r in rows if r["dataset"] != "MATH"], 400)
+    for sample in (math_rows, gsm8k):
+        scores = default_verifier([r["completion"] for r in sample], [r["gold"] for r in sample])
+        agree = sum(s == float(r["label"]) for s, r in zip(scores, sample)) / len(sample)
+        assert agree >= 0.99, (sample[0]["dataset"], agree)
+
+
+@pytest.mark.skipif(
+    not (SHARED_DATA / "verifier_answer_pairs_mathverify.jsonl").exists(), reason="../shared/data is not present"
+)
+def test_agrees_with_math_verify_own_test_tables(default_verifier):
+    """Rows run with math-verify's default config (LaTeX + expressions, no precision/strict overrides)
+    and at most one \\boxed{} (with several, math-verify scores the set and we score the last one)."""
+    rows = [
+        r
+        for r in _jsonl("verifier_answer_pairs_mathverify.jsonl")
+        if not r["extra_params"]
+        and ("['latex', 'expr']" in r["harness_call"] or r["harness_call"].startswith("verify("))
+        and r["pred"].count("\\boxed") <= 1
+    ]
+    assert len(rows) > 100
+    scores = default_verifier([r["pred"] for r in rows], [r["gold"] for r in rows])
+    agree = sum(s == float(r["expected"]) for s, r in zip(scores, rows)) / len(rows)
+    assert agree >= 0.99, agree
+
+
+# --------------------------------------------------------------------------- the convention
+def test_last_boxed_answer_is_the_one_scored(verifier):
+    hedge = "First I got \\boxed{3}, but rechecking, the answer is \\boxed{4}."
+    assert verifier([hedge, hedge], ["4", "3"]) == [1.0, 0.0]
+    assert last_boxed("\\boxed{\\frac{1}{2}} and \\fbox{x^{2}}") == "x^{2}"
+    assert last_boxed("cut off \\boxed{\\frac{1}{2}") is None
+
+
+def test_gold_is_wrapped_unless_already_math(verifier):
+    golds = ["\\frac{1}{2}", "$\\frac{1}{2}$", "\\boxed{\\frac12}", "0.5", "1/2"]
+    assert verifier(["so \\boxed{0.5}"] * len(golds), golds) == [1.0] * len(golds)
+
+
+def test_answer_line_format_scores_the_last_answer_line():
+    with MathVerifier(timeout_s=TIMEOUT_S, num_workers=1, answer_format="answer_line") as v:
+        text = "Answer: 41\nNo, recount.\nAnswer: $\\frac{84}{2}$"
+        assert v([text, text, "so \\boxed{42}", "The answer is 42 but no answer line"], ["42", "41", "42", "7"]) == [
+            1.0,
+            0.0,
+            1.0,  # no Answer: line: falls back to the last \boxed{}
+            0.0,
+        ]
+
+
+def test_long_completions_are_cut_to_their_tail(verifier):
+    early = "\\boxed{5}" + " and so on" * 600  # 6,009 characters, answer at the start
+    late = "\\boxed{5}" + " and so on" * 600 + " so \\boxed{7}"
+    assert verifier([early, late, late], ["5", "7", "5"]) == [0.0, 1.0, 0.0]
+    with MathVerifier(timeout_s=TIMEOUT_S, num_workers=1, max_completion_chars=10_000) as wide:
+        assert wide([early], ["5"]) == [1.0]
+
+
+@given(a=st.integers(-10**6, 10**6), b=st.integers(-10**6, 10**6), wrap=st.sampled_from(["\\boxed{{{}}}", "the answer is ${}$"]))
+def test_integers_match_exactly_when_equal(verifier, a, b, wrap):
+    completion = "Let me compute. " + wrap.format(a)
+    assert verifier([completion, completion], [str(a), str(b)]) == [1.0, float(a == b)]
+
+
+# --------------------------------------------------------------------------- hostile answers
+def _pathological(tmp_path):
+    marker = tmp_path / "pwned"
+    code = f"__import__('os').system('touch {marker}')"
+    return marker, {
+        "nested brackets": "\\boxed{" + "(" * 1500 + "1" + ")" * 1500 + "}",
+        "power tower": "\\boxed{9^{9^{9^{9^{9}}}}}",
+        "python power tower": "The answer is 9**9**9**9",
+        "megabyte of digits": "\\boxed{" + "9" * 1_000_000 + "}",
+        "code in boxed": "\\boxed{" + code + "}",
+        "bare code": code,
+        "code via eval": f"\\boxed{{eval(\"{code}\")}}",
+    }
+
+
+def test_each_pathological_answer_returns_within_a_timeout_and_scores_zero(verifier, tmp_path):
+    marker, cases = _pathological(tmp_path)
+    for name, completion in cases.items():
+        start = time.monotonic()
+        assert verifier([completion], ["1"]) == [0.0], name
+        assert time.monotonic() - start < HANG, name
+    assert not marker.exists(), "a code-like answer was executed"
+    assert _alive(verifier)
+
+
+def test_a_batch_mixing_pathological_answers_finishes_and_scores_the_rest(verifier, tmp_path):
+    marker, cases = _pathological(tmp_path)
+    hostile = list(cases.values())
+    completions = [c for h in hostile for c in (h, "so \\boxed{12}")]
+    start = time.monotonic()
+    scores = verifier(completions, ["12"] * len(completions))
+    assert scores == [0.0, 1.0] * len(hostile)
+    assert time.monotonic() - start < HANG * 2
+    assert not marker.exists()
+
+
+def test_megabyte_string_is_parsed_whole_when_asked_and_still_bounded(tmp_path):
+    with MathVerifier(timeout_s=TIMEOUT_S, num_workers=1, max_completion_chars=2_000_000) as v:
+        start = time.monotonic()
+        assert v(["\\boxed{" + "(" * 500_000 + ")" * 500_000 + "}", "\\boxed{2}"], ["1", "2"]) == [0.0, 1.0]
+        assert time.monotonic() - start < HANG
+
+
+def test_a_worker_stuck_past_the_timeout_is_killed_and_replaced(caplog):
+    """With the cooperative timer pushed out, only the hard kill can end the power tower."""
+    with MathVerifier(timeout_s=TIMEOUT_S, num_workers=1) as v:
+        v.soft_timeout_fraction = 50.0
+        v(["\\boxed{1}"], ["1"])
+        pid = v._workers[0].proc.pid
+        start = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="polopt.verify"):
+            scores = v(["The answer is 9**9**9**9", "\\boxed{3}"], ["1", "3"])
+        assert scores == [0.0, 1.0]
+        assert time.monotonic() - start < HANG
+        assert v.num_timeouts == 1 and v._workers[0].proc.pid != pid and _alive(v)
+        assert "timed out" in caplog.text and "answer 0" in caplog.text
+
+
+def test_a_worker_that_dies_is_replaced_and_the_batch_survives(caplog):
+    with MathVerifier(timeout_s=TIMEOUT_S, num_workers=2) as v:
+        v(["\\boxed{1}"], ["1"])
+        for worker in v._workers:
+            os.kill(worker.proc.pid, 9)  # processes this test started
+            worker.proc.wait()
+        with caplog.at_level(logging.WARNING, logger="polopt.verify"):
+            scores = v(["\\boxed{1}", "\\boxed{2}", "\\boxed{3}", "\\boxed{4}"], ["1", "2", "3", "4"])
+        assert len(scores) == 4 and set(scores) <= {0.0, 1.0}
+        assert scores[2:] == [1.0, 1.0]  # answers after the deaths are scored normally
+        assert v.num_worker_deaths + scores.count(0.0) >= 1 and _alive(v)
+        assert v(["\\boxed{5}"], ["5"]) == [1.0]
+
+
+# --------------------------------------------------------------------------- API
+def test_pickles_as_config_and_closes_its_processes():
+    v = MathVerifier(timeout_s=2.0, num_workers=1, answer_format="answer_line")
+    assert v(["Answer: 3"], ["3"]) == [1.0]
+    procs = [w.proc for w in v._workers]
+    clone = pickle.loads(pickle.dumps(v))
+    assert (clone.timeout_s, clone.num_workers, clone.answer_format, clone._workers) == (2.0, 1, "answer_line", [])
+    v.close()
+    assert all(p.poll() is not None for p in procs)
+    assert clone(["Answer: 3"], ["4"]) == [0.0]
+    clone.close()
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="answer_format"):
+        MathVerifier(answer_format="last_number")
+    with pytest.raises(ValueError, match="timeout_s"):
+        MathVerifier(timeout_s=0)
+    with pytest.raises(ValueError, match="num_workers"):
+        MathVerifier(num_workers=0)
+    with MathVerifier(num_workers=1) as v:
+        with pytest.raises(ValueError, match="2 completions but 1 answers"):
+            v(["a", "b"], ["1"])
+        assert v([], []) == [] and v._workers == []  # nothing started for an empty batch
+
+
+def test_unparseable_gold_answers_lists_indices():
+    assert unparseable_gold_answers(["3", "\\frac{1}{2}", "\\frac{", "", "x^2+1", "-0.5", "__import__('os')"]) == [2, 3, 6]
+
+
+class ExactMatchVerifier:
+    """A custom verifier, as a user would plug in through `verifier._component_`."""
+
+    def __init__(self, strip: bool = True):
+        self.strip = strip
+
+    def __call__(self, completions, answers):
+        return [float(c.strip() == a.strip()) for c, a in zip(completions, answers)]
+
+
+def test_verifiers_are_config_components():
+    from omegaconf import OmegaConf
+    from torchtune import config
+
+    built = config.instantiate(OmegaConf.create({"_component_": "polopt.verify.MathVerifier", "timeout_s": 2.0, "num_workers": 1}))
+    assert isinstance(built, MathVerifier) and built.timeout_s == 2.0
+    custom = config.instantiate(OmegaConf.create({"_component_": f"{__name__}.ExactMatchVerifier", "strip": True}))
+    assert custom([" 7 ", "8"], ["7", "9"]) == [1.0, 0.0]
