@@ -25,22 +25,23 @@ import math
 import random
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from torchtune.generation import generate
 from torchtune.models.qwen2 import qwen2_tokenizer
 from torchtune.models.qwen2._convert_weights import qwen2_tune_to_hf
 from torchtune.models.qwen2._tokenizer import PRETOKENIZE_REGEX
-from torchtune.modules.common_utils import local_kv_cache
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from polopt.evaluation import evaluate_prompts  # noqa: E402
 from polopt.models import TINY_ARITH, tiny_arith  # noqa: E402
+from polopt.rollout import NativeRolloutEngine, SamplingParams  # noqa: E402
 from polopt.tasks.arith import Problem, make_splits, sample_problem, write_solution  # noqa: E402
 from polopt.verify import MathVerifier  # noqa: E402
 
@@ -226,41 +227,16 @@ def export_hf(model, tokenizer, out: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- 5. evaluation
-@torch.no_grad()
-def sample_answers(model, tokenizer, questions: list[str], k: int, max_new_tokens: int, seed: int,
-                   batch_size: int = 256) -> list[list[str]]:
-    """k answers per question at temperature 1.0 with torchtune's KV-cache generation."""
-    rng = torch.Generator().manual_seed(seed)
-    flat = [q for q in questions for _ in range(k)]
-    texts: list[str] = []
-    for start in range(0, len(flat), batch_size):
-        chunk = [tokenizer.encode(q, add_bos=False, add_eos=False) for q in flat[start : start + batch_size]]
-        if len({len(c) for c in chunk}) != 1:
-            raise ValueError("sample_answers expects prompts of one token length (all arith prompts are)")
-        prompt = torch.tensor(chunk)
-        with local_kv_cache(model, batch_size=len(chunk), device=prompt.device, dtype=torch.float32,
-                            decoder_max_seq_len=prompt.shape[1] + max_new_tokens):
-            tokens, _ = generate(model, prompt, max_generated_tokens=max_new_tokens, pad_id=tokenizer.pad_id,
-                                 temperature=1.0, stop_tokens=tokenizer.stop_tokens, rng=rng)
-        for row in tokens[:, prompt.shape[1] :].tolist():
-            ended = [i for i, t in enumerate(row) if t in tokenizer.stop_tokens]
-            # An answer that never emitted a stop token is truncated, hence wrong: score it empty.
-            texts.append(tokenizer.decode(row[: ended[0]], skip_special_tokens=True) if ended else "")
-    return [texts[i * k : (i + 1) * k] for i in range(len(questions))]
-
-
 def evaluate(model, tokenizer, problems: list[Problem], k: int, max_new_tokens: int, seed: int,
              verifier: MathVerifier) -> dict:
-    answers = sample_answers(model, tokenizer, [p.question for p in problems], k, max_new_tokens, seed)
-    rewards = verifier([a for group in answers for a in group], [p.answer for p in problems for _ in range(k)])
-    per_question = [sum(rewards[i * k : (i + 1) * k]) / k for i in range(len(problems))]
-    return {
-        "avg_at_k": sum(per_question) / len(problems),
-        "pass_at_k": sum(r > 0 for r in per_question) / len(problems),
-        "k": k,
-        "n_questions": len(problems),
-        "example": problems[0].question + answers[0][0],
-    }
+    """avg@k and pass@k at temperature 1.0 through the recipe's own rollout engine and scoring."""
+    engine = NativeRolloutEngine(model, tokenizer.pad_id, partial(tokenizer.decode, skip_special_tokens=True))
+    prompts = [{"prompt_ids": tokenizer.encode(p.question, add_bos=False, add_eos=False), "answer": p.answer}
+               for p in problems]
+    params = SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens,
+                            stop_token_ids=list(tokenizer.stop_tokens), seed=seed)
+    result = evaluate_prompts(engine, verifier, prompts, k=k, params=params, batch_size=max(1, 512 // k))
+    return {**result, "example": problems[0].question + engine.generate([prompts[0]["prompt_ids"]], 1, params)[0][0].text}
 
 
 # ----------------------------------------------------------------------------- main
@@ -271,8 +247,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--digits", type=int, default=3)
     ap.add_argument("--q", type=float, default=0.3, help="per-step error probability of the corpus")
-    ap.add_argument("--steps", type=int, default=2000)
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--k", type=int, default=16, help="samples per question in base_eval.json")
     ap.add_argument("--threads", type=int, default=2)
