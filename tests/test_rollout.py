@@ -25,11 +25,12 @@ from polopt.rollout.vllm import to_hf_state_dict
 torch.set_num_threads(1)
 
 VOCAB, PAD = 64, 0
+STD = 0.2  # logits of a realistic scale: fp32 rounding stays well under 1e-5 (0.4 reaches ~1.3e-5)
 STOP_IDS = [3, 4, 5, 6]  # a few stop ids so that answers of the random model end at varied lengths
 
 
 def tiny_model(seed: int = 0, tied: bool = True) -> torch.nn.Module:
-    """Tiny random Qwen2; weights ~N(0, 0.4²) so the next-token distribution is neither uniform
+    """Tiny random Qwen2; weights ~N(0, STD²) so the next-token distribution is neither uniform
     nor one-hot (torchtune's default init with tied embeddings repeats the last token forever)."""
     torch.manual_seed(seed)
     model = qwen2(
@@ -39,7 +40,7 @@ def tiny_model(seed: int = 0, tied: bool = True) -> torch.nn.Module:
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:
-                p.normal_(0, 0.4)
+                p.normal_(0, STD)
     return model
 
 
@@ -225,11 +226,15 @@ def test_model_state_is_restored_for_training(model):
     x = torch.tensor([[10, 11, 12, 13]])
     with torch.no_grad():
         before = model(x)
+    attention = [layer.attn for layer in model.layers]
+    calls = [a._attention_call for a in attention]
     for mode in (True, False):
         model.train(mode)
         engine(model).generate([[10, 11]], 2, SamplingParams(max_new_tokens=4, seed=0))
         assert model.training is mode
         assert not model.caches_are_setup() and not model.caches_are_enabled()
+        assert [a.num_kv_heads for a in attention] == [2, 2]  # grouped-query decode undone
+        assert [a._attention_call for a in attention] == calls
     with torch.no_grad():
         torch.testing.assert_close(model(x), before)
     out = model(x).sum()  # a training forward/backward works after generation

@@ -17,9 +17,12 @@ the trainer recomputes.
 
 from __future__ import annotations
 
+import contextlib
+from functools import partial
 from typing import Callable, Optional
 
 import torch
+from torchtune.modules import MultiHeadAttention
 from torchtune.generation import get_causal_mask_from_padding_mask, get_position_ids_from_padding_mask
 from torchtune.modules.common_utils import delete_kv_caches
 from torchtune.modules.kv_cache import KVCache
@@ -111,37 +114,41 @@ class NativeRolloutEngine:
         prompt_lens = prompt_mask.sum(1)
         if not self.shared_prefill:
             tokens, prompt_mask = tokens.repeat_interleave(K, 0), prompt_mask.repeat_interleave(K, 0)
+        # Caches are sized with the model's own kv-head count, before _grouped_query_decode.
         model.setup_caches(batch_size=tokens.shape[0], dtype=model.tok_embeddings.weight.dtype, decoder_max_seq_len=cache_len)
         try:
-            logits = model(
-                tokens,
-                input_pos=get_position_ids_from_padding_mask(prompt_mask),
-                mask=get_causal_mask_from_padding_mask(prompt_mask, target_seq_len=cache_len),
-            )[:, -1]
-            if self.shared_prefill:
-                _repeat_caches(model, K)
-                logits = logits.repeat_interleave(K, 0)
-            # Keys each row may attend to: its real prompt tokens, then every generated token.
-            key_mask = torch.zeros((B, cache_len), dtype=torch.bool, device=device)
-            key_mask[:, :P] = prompt_mask if not self.shared_prefill else prompt_mask.repeat_interleave(K, 0)
-            row_lens = prompt_lens.repeat_interleave(K)
-            stop_ids = torch.tensor(params.stop_token_ids, dtype=torch.long, device=device)
-            out_tokens = torch.zeros((B, T), dtype=torch.long, device=device)
-            out_logprobs = torch.zeros((B, T), dtype=torch.float32, device=device)
-            lengths = torch.full((B,), T, dtype=torch.long, device=device)
-            stopped = torch.zeros(B, dtype=torch.bool, device=device)
-            for t in range(T):
-                token, logprob = sample_tokens(logits, params, generator)
-                out_tokens[:, t], out_logprobs[:, t] = token, logprob
-                newly = torch.isin(token, stop_ids) & ~stopped
-                lengths[newly] = t + 1
-                stopped |= newly
-                if t == T - 1 or bool(stopped.all()):
-                    break
-                key_mask[:, P + t] = True
+            _attend_to_filled_prefix(model)
+            with _grouped_query_decode(model):
                 logits = model(
-                    token[:, None], input_pos=(row_lens + t)[:, None], mask=key_mask[:, None, :]
+                    tokens,
+                    input_pos=get_position_ids_from_padding_mask(prompt_mask),
+                    mask=get_causal_mask_from_padding_mask(prompt_mask),
                 )[:, -1]
+                if self.shared_prefill:
+                    _repeat_caches(model, K)
+                    logits = logits.repeat_interleave(K, 0)
+                    prompt_mask = prompt_mask.repeat_interleave(K, 0)
+                # Keys each row may attend to: its real prompt tokens, then every generated token.
+                key_mask = torch.zeros((B, cache_len), dtype=torch.bool, device=device)
+                key_mask[:, :P] = prompt_mask
+                row_lens = prompt_lens.repeat_interleave(K)
+                stop_ids = torch.tensor(params.stop_token_ids, dtype=torch.long, device=device)
+                out_tokens = torch.zeros((B, T), dtype=torch.long, device=device)
+                out_logprobs = torch.zeros((B, T), dtype=torch.float32, device=device)
+                lengths = torch.full((B,), T, dtype=torch.long, device=device)
+                stopped = torch.zeros(B, dtype=torch.bool, device=device)
+                for t in range(T):
+                    token, logprob = sample_tokens(logits, params, generator)
+                    out_tokens[:, t], out_logprobs[:, t] = token, logprob
+                    newly = torch.isin(token, stop_ids) & ~stopped
+                    lengths[newly] = t + 1
+                    stopped |= newly
+                    if t == T - 1 or bool(stopped.all()):
+                        break
+                    key_mask[:, P + t] = True
+                    logits = model(
+                        token[:, None], input_pos=(row_lens + t)[:, None], mask=key_mask[:, None, : P + t + 1]
+                    )[:, -1]
         finally:
             delete_kv_caches(model)
         return self._completions(out_tokens, out_logprobs, lengths, stopped, N, K)
@@ -185,6 +192,65 @@ def sample_tokens(
     q = torch.empty_like(probs).exponential_(1, generator=generator)
     token = (probs / q).argmax(-1)
     return token, logprobs.gather(-1, token[:, None]).squeeze(-1)
+
+
+class _FilledPrefixKVCache(KVCache):
+    """A torchtune KVCache whose `update` returns only the filled positions, so attention (and
+    torchtune's grouped-query expand, a copy) cost the current length, not the full P + T.
+    The fill level is a Python int: no device sync per layer."""
+
+    filled: int = 0
+
+    def update(self, k_val: torch.Tensor, v_val: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k_out, v_out = super().update(k_val, v_val)
+        self.filled += k_val.shape[2]
+        return k_out[:, :, : self.filled], v_out[:, :, : self.filled]
+
+
+def _attend_to_filled_prefix(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if type(module) is KVCache:
+            module.__class__ = _FilledPrefixKVCache
+            module.filled = 0
+
+
+@contextlib.contextmanager
+def _grouped_query_decode(model: torch.nn.Module):
+    """During generation only: attend with the n_kv cached heads directly instead of torchtune's
+    copy of the whole cache to n_h heads at every step (its grouped-query `expand`), which is
+    most of a decode step's memory traffic. Each attention module is told it has n_h kv heads
+    (so it skips the expand) and gets an attention call that groups the queries by kv head.
+    Restored on exit; training forwards never see it."""
+    patched = []
+    for module in model.modules():
+        if isinstance(module, MultiHeadAttention) and module.num_heads != module.num_kv_heads:
+            patched.append((module, module.num_kv_heads, module.__dict__.get("_attention_call")))
+            module._attention_call = partial(_grouped_attention, groups=module.num_heads // module.num_kv_heads)
+            module.num_kv_heads = module.num_heads
+    try:
+        yield
+    finally:
+        for module, num_kv_heads, attention_call in patched:
+            module.num_kv_heads = num_kv_heads
+            if attention_call is None:
+                del module._attention_call
+            else:
+                module._attention_call = attention_call
+
+
+def _grouped_attention(q, k, v, mask, dropout_p: float, is_causal: bool, *, groups: int) -> torch.Tensor:
+    """q [b, n_h, s, d] against k, v [b, n_kv, L, d] with n_h = groups · n_kv (head h reads kv
+    head h // groups, as torchtune's expand does); mask [b, s, L] boolean."""
+    b, n_h, s, d = q.shape
+    attn_mask = None if mask is None else mask[:, None]
+    if s == 1:  # decode: the `groups` query heads of a kv head form one [groups, d] block
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.view(b, n_h // groups, groups, d), k, v, attn_mask=attn_mask, dropout_p=dropout_p
+        )
+        return out.view(b, n_h, 1, d)
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, enable_gqa=True
+    )
 
 
 def _repeat_caches(model: torch.nn.Module, times: int) -> None:
