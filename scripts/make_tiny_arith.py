@@ -240,6 +240,12 @@ def evaluate(model, tokenizer, problems: list[Problem], k: int, max_new_tokens: 
 
 
 # ----------------------------------------------------------------------------- main
+def _display_path(path: Path) -> str:
+    """Repo-relative when inside the repo, so committed reports do not hold this machine's paths."""
+    resolved = path.resolve()
+    return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else str(path)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=REPO / "assets" / "tiny_arith")
@@ -288,7 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
     log("exported HF checkpoint")
 
     report = {"command": "python scripts/make_tiny_arith.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+              "args": {k: _display_path(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "temperature": 1.0, "max_new_tokens": 64, "torch": torch.__version__,
               "device": "cpu (not run on GPU)"}
     with MathVerifier(timeout_s=5.0, num_workers=1) as verifier:

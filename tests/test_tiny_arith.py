@@ -37,12 +37,12 @@ def _torchtune_tokenizer(path: Path):
     )
 
 
-def _torchtune_model(path: Path):
+def _torchtune_model(path: Path, output_dir: Path):
     from torchtune.training import FullModelHFCheckpointer
 
     checkpointer = FullModelHFCheckpointer(
         checkpoint_dir=str(path), checkpoint_files=["model.safetensors"], model_type="QWEN2",
-        output_dir=str(path / "_unused"),
+        output_dir=str(output_dir),
     )
     model = tiny_arith()
     model.load_state_dict(checkpointer.load_checkpoint()["model"])
@@ -122,23 +122,24 @@ def test_torchtune_and_transformers_tokenizers_agree(problem, q, seed, free_text
     assert hf.eos_token_id == tt.special_tokens["<|endoftext|>"] in tt.stop_tokens
 
 
-def test_transformers_and_torchtune_models_give_the_same_logprobs():
+def test_transformers_and_torchtune_models_give_the_same_logprobs(tmp_path):
     from transformers import AutoModelForCausalLM
 
     tt = _torchtune_tokenizer(ASSETS)
     hf_model = AutoModelForCausalLM.from_pretrained(str(ASSETS), dtype=torch.float32).eval()
-    tt_model = _torchtune_model(ASSETS)
+    tt_model = _torchtune_model(ASSETS, tmp_path)
     rng = random.Random(0)
-    texts = [Problem(rng.randint(100, 999), rng.randint(100, 999)) for _ in range(4)]
-    ids = torch.tensor([tt.encode(p.question + write_solution(p).text, add_bos=False, add_eos=True) for p in texts])
-    with torch.no_grad():
-        hf_logprobs = torch.log_softmax(hf_model(ids).logits.float(), -1)
-        tt_logprobs = torch.log_softmax(tt_model(ids).float(), -1)
-    assert torch.allclose(hf_logprobs, tt_logprobs, atol=1e-5, rtol=0), (hf_logprobs - tt_logprobs).abs().max()
-    # The committed model has learned the format: clean solutions are likely under it.
-    targets = ids[:, 1:]
-    token_logprobs = tt_logprobs[:, :-1].gather(-1, targets[..., None]).squeeze(-1)
-    assert token_logprobs[:, 12:].mean() > -0.5
+    for _ in range(4):
+        problem = Problem(rng.randint(100, 999), rng.randint(100, 999))
+        text = problem.question + write_solution(problem).text + "<|endoftext|>"  # the stop token it learned
+        ids = torch.tensor([tt.encode(text, add_bos=False, add_eos=False)])
+        with torch.no_grad():
+            hf_logprobs = torch.log_softmax(hf_model(ids).logits.float(), -1)
+            tt_logprobs = torch.log_softmax(tt_model(ids).float(), -1)
+        assert torch.allclose(hf_logprobs, tt_logprobs, atol=1e-5, rtol=0), (hf_logprobs - tt_logprobs).abs().max()
+        # The committed model has learned the format: a clean solution is likely under it.
+        token_logprobs = tt_logprobs[0, :-1].gather(-1, ids[0, 1:, None]).squeeze(-1)
+        assert token_logprobs[12:].mean() > -0.5
 
 
 def test_base_eval_leaves_room_for_rl():
@@ -154,14 +155,15 @@ def test_script_quick_mode_produces_loadable_assets(tmp_path):
     import make_tiny_arith
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    report = make_tiny_arith.main(["--quick", "--out", str(tmp_path), "--threads", "1"])
+    out = tmp_path / "assets"
+    report = make_tiny_arith.main(["--quick", "--out", str(out), "--threads", "1"])
     assert set(report) >= {"val", "test", "command", "wall_seconds"}
-    assert json.loads((tmp_path / "base_eval.json").read_text())["val"]["k"] == report["val"]["k"]
-    _torchtune_model(tmp_path)
-    AutoModelForCausalLM.from_pretrained(str(tmp_path))
-    hf = AutoTokenizer.from_pretrained(str(tmp_path))
-    tt = _torchtune_tokenizer(tmp_path)
-    question = json.loads((tmp_path / "val.jsonl").read_text().splitlines()[0])["question"]
+    assert json.loads((out / "base_eval.json").read_text())["val"]["k"] == report["val"]["k"]
+    _torchtune_model(out, tmp_path / "unused")
+    AutoModelForCausalLM.from_pretrained(str(out))
+    hf = AutoTokenizer.from_pretrained(str(out))
+    tt = _torchtune_tokenizer(out)
+    question = json.loads((out / "val.jsonl").read_text().splitlines()[0])["question"]
     assert hf(question, add_special_tokens=False)["input_ids"] == tt.encode(question, add_bos=False, add_eos=False)
     # Every id the model can sample decodes (an untrained model samples all of them).
     assert len(tt.encoder) + len(tt.special_tokens) == TINY_ARITH["vocab_size"]
