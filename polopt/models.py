@@ -33,40 +33,23 @@ def tiny_arith() -> TransformerDecoder:
     return qwen2(attn_dropout=0.0, **TINY_ARITH)
 
 
+# What the Qwen2.5-Math checkpoints share (their config.json: rope_theta 10000, 4096 positions,
+# rms_norm_eps 1e-6); the sizes differ.
+_QWEN2_5_MATH = dict(max_seq_len=4096, attn_dropout=0.0, norm_eps=1e-6, rope_base=10000.0)
+
+
 def qwen2_5_math_1_5b() -> TransformerDecoder:
     """Qwen/Qwen2.5-Math-1.5B: its config.json has hidden 1536, intermediate 8960, 28 layers,
     12 heads, 2 KV heads, vocab 151936, tied embeddings, rope_theta 10000, 4096 positions."""
-    return qwen2(
-        vocab_size=151936,
-        num_layers=28,
-        num_heads=12,
-        num_kv_heads=2,
-        embed_dim=1536,
-        intermediate_dim=8960,
-        max_seq_len=4096,
-        attn_dropout=0.0,
-        norm_eps=1e-6,
-        rope_base=10000.0,
-        tie_word_embeddings=True,
-    )
+    return qwen2(vocab_size=151936, num_layers=28, num_heads=12, num_kv_heads=2, embed_dim=1536,
+                 intermediate_dim=8960, tie_word_embeddings=True, **_QWEN2_5_MATH)
 
 
 def qwen2_5_math_7b() -> TransformerDecoder:
     """Qwen/Qwen2.5-Math-7B: its config.json has hidden 3584, intermediate 18944, 28 layers,
     28 heads, 4 KV heads, vocab 152064, untied embeddings, rope_theta 10000, 4096 positions."""
-    return qwen2(
-        vocab_size=152064,
-        num_layers=28,
-        num_heads=28,
-        num_kv_heads=4,
-        embed_dim=3584,
-        intermediate_dim=18944,
-        max_seq_len=4096,
-        attn_dropout=0.0,
-        norm_eps=1e-6,
-        rope_base=10000.0,
-        tie_word_embeddings=False,
-    )
+    return qwen2(vocab_size=152064, num_layers=28, num_heads=28, num_kv_heads=4, embed_dim=3584,
+                 intermediate_dim=18944, tie_word_embeddings=False, **_QWEN2_5_MATH)
 
 
 def qwen2_5_32b() -> TransformerDecoder:
