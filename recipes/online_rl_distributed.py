@@ -112,9 +112,13 @@ class OnlineRLRecipe(FTRecipeInterface):
     def _setup_loss(self, cfg: DictConfig):
         kwargs = OmegaConf.to_container(cfg.loss_args.get(cfg.loss, {}) or {}, resolve=True)
         try:
-            return get_loss(cfg.loss, **kwargs)
+            loss_fn = get_loss(cfg.loss, **kwargs)
         except (KeyError, ValueError, TypeError) as e:
             raise ConfigError(f"loss={cfg.loss} with loss_args.{cfg.loss}={kwargs}: {e}") from e
+        if loss_fn.normalizer_kind == "sequences_x_horizon" and loss_fn.max_response_len is None:
+            # Dr.GRPO's L must be a constant of the run, not the longest answer of each batch/rank.
+            loss_fn.max_response_len = cfg.rollout.max_new_tokens
+        return loss_fn
 
     def _setup_model(self, cfg: DictConfig, model_state: dict[str, torch.Tensor]) -> torch.nn.Module:
         with training.set_default_dtype(self._dtype), torch.device("meta" if self._distributed else self._device):
@@ -238,7 +242,8 @@ class OnlineRLRecipe(FTRecipeInterface):
                 global_normalizer(self.loss_fn, minibatch.response_mask, group_ids=minibatch.group_ids),
                 dtype=torch.float64,
             )
-            normalizer = self._all_reduce(local_norm.clone())
+            # token-sum has no denominator (1 on every rank): summing it would scale the loss.
+            normalizer = local_norm if self.loss_fn.normalizer_kind == "none" else self._all_reduce(local_norm.clone())
             local_groups = self._all_reduce(torch.tensor(float(minibatch.group_ids.unique().numel())), op=dist.ReduceOp.MIN)
             micro_batches = minibatch.split(int(min(self.cfg.gradient_accumulation_steps, local_groups.item())))
             step_metrics: dict[str, float] = {"loss": 0.0}
@@ -316,7 +321,11 @@ class OnlineRLRecipe(FTRecipeInterface):
             t0 = time.perf_counter()
             batch, metrics = self.rollout()
             t_rollout = time.perf_counter() - t0
-            if batch is not None:
+            # Ranks update together or not at all (FSDP collectives): skip if any rank kept no group.
+            all_have_batch = self._all_reduce(torch.tensor(float(batch is not None)), op=dist.ReduceOp.MIN).item() > 0
+            if batch is not None and not all_have_batch:
+                log.warning(f"step {self.global_step}: another rank kept no group after filtering; update skipped")
+            if all_have_batch:
                 metrics.update(self.update_policy(batch))
                 metrics["tokens_per_second"] = batch.num_tokens * self.world_size / max(1e-9, time.perf_counter() - t0)
             self.global_step += 1
