@@ -22,7 +22,7 @@ test: install
 	$(PY) -m pytest tests -q -p no:cacheprovider
 
 demo: install
-	$(TUNE) run recipes/online_rl_distributed.py --config configs/tiny_arith.yaml
+	PYTHONPATH=. $(TUNE) run recipes/online_rl_distributed.py --config configs/tiny_arith.yaml
 
 clean:
 	rm -rf $(VENV) outputs

@@ -40,15 +40,21 @@ def run_one(tag: str, overrides: list[str], runs_dir: Path, log_dir: Path) -> di
         "--config", "configs/tiny_arith.yaml", f"output_dir={out}", "save_final_model=false", *overrides,
     ]
     start = time.perf_counter()
-    with open(log_dir / f"{tag}.log", "w") as logf:
-        proc = subprocess.run(cmd, cwd=REPO, stdout=logf, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise RuntimeError(f"run {tag} failed (exit {proc.returncode}); see {log_dir / f'{tag}.log'}")
+    if (out / "summary.json").exists():  # finished in an earlier invocation: reuse it
+        seconds = json.loads((out / "summary.json").read_text())["wall_seconds"]
+    else:
+        # torchtune's wheel ships a top-level `recipes` package; PYTHONPATH puts ours first.
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        with open(log_dir / f"{tag}.log", "w") as logf:
+            proc = subprocess.run(cmd, cwd=REPO, stdout=logf, stderr=subprocess.STDOUT, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"run {tag} failed (exit {proc.returncode}); see {log_dir / f'{tag}.log'}")
+        seconds = time.perf_counter() - start
     history = json.loads((out / "history.json").read_text())
     val = [(h["step"], h["val/accuracy"]) for h in history if "val/accuracy" in h]
     return {
         "tag": tag,
-        "seconds": round(time.perf_counter() - start, 1),
+        "seconds": round(seconds, 1),
         "val_steps": [s for s, _ in val],
         "val_accuracy": [a for _, a in val],
         "final_accuracy": val[-1][1],
@@ -105,10 +111,14 @@ def plot(variants: dict[str, list[dict]], path: Path, title: str) -> None:
         mean, std = acc.mean(0), acc.std(0)
         (line,) = ax_val.plot(steps, mean, label=name)
         ax_val.fill_between(steps, mean - std, mean + std, alpha=0.2, color=line.get_color())
-        ent_steps = np.array([s for s, _ in runs[0]["entropy"]])
-        ent = np.array([[e for _, e in r["entropy"]] for r in runs])
-        ax_ent.plot(ent_steps, ent.mean(0), label=name, color=line.get_color())
-    ax_val.set(xlabel="rollout step", ylabel="held-out accuracy (avg@1)", title=title)
+        # A step whose groups were all filtered out has no update and no entropy: align by step.
+        ent_steps = sorted({s for r in runs for s, _ in r["entropy"]})
+        ent = np.full((len(runs), len(ent_steps)), np.nan)
+        for i, r in enumerate(runs):
+            for s, e in r["entropy"]:
+                ent[i, ent_steps.index(s)] = e
+        ax_ent.plot(ent_steps, np.nanmean(ent, 0), label=name, color=line.get_color())
+    ax_val.set(xlabel="rollout step", ylabel="held-out accuracy (avg@k)", title=title)
     ax_ent.set(xlabel="rollout step", ylabel="policy entropy (nats/token)", title="entropy during training")
     ax_val.legend()
     ax_ent.legend()
@@ -166,8 +176,8 @@ def main() -> None:
         f"Machine: {info['platform']}, {info['cpu_count']} CPUs; Python {info['python']}, torch {info['torch']}, "
         f"torchtune {info['torchtune']}; {info['date']}",
         "",
-        f"Seeds: {args.seeds}. Held-out accuracy is avg@1 on assets/tiny_arith/val.jsonl at the config's validation "
-        "temperature; AUC is the area under the validation curve divided by its step range.",
+        f"Seeds: {args.seeds}. Held-out accuracy is avg@k on assets/tiny_arith/val.jsonl with the config's validation "
+        "settings (configs/tiny_arith.yaml: k=4, temperature 1.0); AUC is the area under the validation curve divided by its step range.",
         "",
         "| variant | runs | initial acc | final acc (mean ± std) | AUC (mean ± std) | entropy first → last | s/run |",
         "|---|---:|---:|---:|---:|---:|---:|",

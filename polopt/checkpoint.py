@@ -67,17 +67,26 @@ def load_latest_training_state(output_dir: str | Path) -> Optional[dict[str, Any
     return torch.load(checkpoints[-1], map_location="cpu", weights_only=False)
 
 
-def save_hf_model(checkpointer_factory, state_dict: dict[str, torch.Tensor], output_dir: str | Path) -> Path:
+def save_hf_model(
+    checkpointer_factory, state_dict: dict[str, torch.Tensor], output_dir: str | Path, loaded_checkpointer=None
+) -> Path:
     """Write `state_dict` (torchtune names) as an HF model folder `<output_dir>/final`, atomically.
 
     `checkpointer_factory(output_dir)` builds the config's HF checkpointer writing into a temporary
-    folder; its `epoch_0` output is renamed to `final`.
+    folder; its `epoch_0` output is renamed to `final`. torchtune's HF checkpointer only knows how
+    to shard what it has loaded (its weight map): `loaded_checkpointer`, the one that loaded the
+    starting weights, lends it that map instead of reading the whole checkpoint again.
     """
     output_dir = Path(output_dir)
     final = output_dir / "final"
     staging = Path(tempfile.mkdtemp(prefix=".final.", dir=output_dir))
     try:
         checkpointer = checkpointer_factory(str(staging))
+        if getattr(checkpointer, "_weight_map", "") is None:
+            if loaded_checkpointer is not None and getattr(loaded_checkpointer, "_weight_map", None):
+                checkpointer._weight_map = loaded_checkpointer._weight_map
+            else:
+                checkpointer.load_checkpoint()
         checkpointer.save_checkpoint({"model": state_dict}, epoch=0, intermediate_checkpoint=False)
         written = staging / "epoch_0"
         if final.exists():

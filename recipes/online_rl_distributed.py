@@ -441,7 +441,9 @@ class OnlineRLRecipe(FTRecipeInterface):
         if self.cfg.save_final_model:
             checkpointer_cfg = self.cfg.checkpointer
             factory = lambda out: config.instantiate(checkpointer_cfg, output_dir=out)  # noqa: E731
-            summary["final_model"] = str(save_hf_model(factory, {k: v.cpu() for k, v in model_state.items()}, self.output_dir))
+            summary["final_model"] = str(save_hf_model(
+                factory, {k: v.cpu() for k, v in model_state.items()}, self.output_dir, self._checkpointer
+            ))
         (self.output_dir / "history.json").write_text(json.dumps(self.history, indent=1))
         (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         _plot_history(self.history, self.output_dir / "training_curves.png", title=f"loss={self.cfg.loss}")

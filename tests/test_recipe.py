@@ -34,7 +34,7 @@ def tune_run(output_dir: Path, *overrides: str, nproc: int = 1, check: bool = Tr
     launcher = [TUNE, "run"] + (["--nproc_per_node", str(nproc)] if nproc > 1 else [])
     cmd = [*launcher, "recipes/online_rl_distributed.py", "--config", "configs/tiny_arith.yaml",
            f"output_dir={output_dir}", *SMALL, *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2")}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2")}
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"tune run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
@@ -77,7 +77,7 @@ def test_demo_outputs_summary_plot_and_hf_model_loadable_by_transformers(tmp_pat
     hf = AutoModelForCausalLM.from_pretrained(out / "final", dtype=torch.float32).eval()
     from torchtune.training import FullModelHFCheckpointer
 
-    from polopt.models import tiny_qwen2
+    from polopt.models import tiny_arith
 
     ckpt = FullModelHFCheckpointer(
         checkpoint_dir=str(out / "final"),
@@ -85,7 +85,7 @@ def test_demo_outputs_summary_plot_and_hf_model_loadable_by_transformers(tmp_pat
         model_type="QWEN2",
         output_dir=str(tmp_path / "scratch"),
     )
-    tt = tiny_qwen2()
+    tt = tiny_arith()
     tt.load_state_dict(ckpt.load_checkpoint()["model"])
     tt.eval()
     tokens = torch.randint(0, hf.config.vocab_size, (3, 20))
@@ -106,7 +106,7 @@ def test_killed_run_resumes_with_identical_losses(tmp_path):
     cmd = [TUNE, "run", "recipes/online_rl_distributed.py", "--config", "configs/tiny_arith.yaml",
            f"output_dir={killed}", *SMALL, steps, "save_final_model=false", "checkpoint_every_n_steps=2"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+                            start_new_session=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     ckpt = killed / "checkpoints" / "step_2.pt"
     deadline = time.time() + 300
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
