@@ -111,7 +111,12 @@ class EvaluateRecipe:
                 batch_size=int(cfg.get("batch_size", 64)), progress=True, desc=name,
             )
             scores["seconds"] = round(time.perf_counter() - start, 2)
-            results[name] = {**scores, "source": str(entry["source"]), "sampling": asdict(params)}
+            results[name] = {
+                **scores,
+                "source": str(entry["source"]),
+                "n_dropped_too_long": dataset.num_dropped,
+                "sampling": asdict(params),
+            }
             log.info(f"{name}: avg@{k} = {scores['avg_at_k']:.4f}, pass@{k} = {scores['pass_at_k']:.4f} "
                      f"({int(scores['n_questions'])} questions)")
         return results
