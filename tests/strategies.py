@@ -1,134 +1,39 @@
-"""Hypothesis strategies shared by the tests: batches of grouped answers with binary rewards.
+"""The loss tests' hypothesis strategies: re-exported from the conformance kit, so polopt's own
+losses and third-party ones are checked on exactly the same inputs (one definition, in
+polopt/testing/strategies.py).
 
-Hypothesis draws the structure (groups, group sizes 2–16, reward patterns, ragged response lengths
-including empty rows, row order) and a seed; the seed fills the log-probabilities through a
-torch.Generator, so examples stay cheap and shrink to small structures.
+LOSS_AGG_MODES is polopt's dict (mode → normalizer kind) and PROMPT_WEIGHTS a tuple; iterate them,
+or use `loss_aggs` / `prompt_weights` to draw one.
 """
 
-from __future__ import annotations
+from polopt.testing.strategies import (
+    LOSS_AGG_MODES,
+    PROMPT_WEIGHTS,
+    TOKEN_LEVEL_LOSSES,
+    PolicyBatch,
+    clip_ranges,
+    epsilons_above_one,
+    epsilons_at_most_one,
+    extreme_batches,
+    group_rewards,
+    loss_aggs,
+    loss_configs,
+    policy_batches,
+    prompt_weights,
+)
 
-from dataclasses import dataclass, replace
-from typing import Optional
-
-import torch
-from hypothesis import strategies as st
-
-LOSS_AGG_MODES = ["token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
-PROMPT_WEIGHTS = ["constant", "dr_grpo", "grpo"]
-TOKEN_LEVEL_LOSSES = ["nft", "rft", "grpo", "dr_grpo", "dapo"]
-
-
-@dataclass
-class PolicyBatch:
-    """One call's inputs; `logprobs` is a fresh leaf with requires_grad each time `leaf()` is called."""
-
-    logprobs: torch.Tensor
-    old_logprobs: torch.Tensor
-    mask: torch.Tensor  # bool, each row a prefix (responses are right-padded)
-    rewards: torch.Tensor
-    group_ids: torch.Tensor
-
-    def leaf(self) -> torch.Tensor:
-        return self.logprobs.detach().clone().requires_grad_(True)
-
-    @property
-    def lengths(self) -> torch.Tensor:
-        return self.mask.sum(dim=-1)
-
-    def on_policy(self) -> "PolicyBatch":
-        return replace(self, old_logprobs=self.logprobs.detach().clone())
-
-
-def group_rewards(draw, size: int, pattern: str) -> list[float]:
-    if pattern == "all_right":
-        num_right = size
-    elif pattern == "all_wrong":
-        num_right = 0
-    else:
-        num_right = draw(st.integers(1, size - 1))
-    order = draw(st.permutations(range(size)))
-    return [1.0 if position < num_right else 0.0 for position in order]
-
-
-@st.composite
-def policy_batches(
-    draw,
-    *,
-    max_groups: int = 4,
-    min_group_size: int = 2,
-    max_group_size: int = 16,
-    max_len: int = 10,
-    min_len: int = 0,
-    signal: str = "first",
-    max_log_ratio_scale: float = 1.5,
-    dtype: torch.dtype = torch.float64,
-    padding_value: Optional[float] = None,
-) -> PolicyBatch:
-    """A batch of groups. `signal`: "first" — the first group has a right and a wrong answer with
-    tokens, the others may be all right or all wrong; "all" — every group is mixed; "none" — every
-    group is all right or all wrong. Padding holds garbage (±50, or `padding_value`) that every loss
-    must ignore. On tokens, log π_old = log π_θ + scale·N(0, 1)."""
-    num_groups = draw(st.integers(1, max_groups))
-    choices = {"first": ["mixed", "mixed", "all_right", "all_wrong"], "all": ["mixed"], "none": ["all_right", "all_wrong"]}
-    patterns = [draw(st.sampled_from(choices[signal])) for _ in range(num_groups)]
-    if signal == "first":
-        patterns[0] = "mixed"
-    rewards: list[float] = []
-    group_ids: list[int] = []
-    for group, pattern in enumerate(patterns):
-        size = draw(st.integers(min_group_size, max_group_size))
-        rewards += group_rewards(draw, size, pattern)
-        group_ids += [7 * group + 3] * size  # arbitrary, non-contiguous ids
-    batch = len(rewards)
-    width = draw(st.integers(max(min_len, 1), max_len))
-    lengths = torch.tensor(draw(st.lists(st.integers(min_len, width), min_size=batch, max_size=batch)))
-    scale = draw(st.floats(0.0, max_log_ratio_scale))
-    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
-
-    order = torch.randperm(batch, generator=generator)  # groups interleaved in the batch
-    rewards_t = torch.tensor(rewards, dtype=torch.float64)[order]
-    group_ids_t = torch.tensor(group_ids)[order]
-    if signal != "none":  # the first group's signal: a right and a wrong answer with tokens
-        for reward in (0.0, 1.0):
-            row = ((group_ids_t == group_ids[0]) & (rewards_t == reward)).nonzero()[0, 0]
-            lengths[row] = max(int(lengths[row]), 1)
-    mask = torch.arange(width)[None, :] < lengths[:, None]
-    logprobs = -3 * torch.rand(batch, width, generator=generator, dtype=torch.float64)
-    old_logprobs = logprobs + scale * torch.randn(batch, width, generator=generator, dtype=torch.float64)
-    garbage = (100 * torch.rand(batch, width, generator=generator, dtype=torch.float64) - 50) if padding_value is None else padding_value
-    logprobs = torch.where(mask, logprobs, garbage)
-    old_logprobs = torch.where(mask, old_logprobs, garbage)
-    return PolicyBatch(
-        logprobs=logprobs.to(dtype),
-        old_logprobs=old_logprobs.to(dtype),
-        mask=mask,
-        rewards=rewards_t.to(dtype),
-        group_ids=group_ids_t,
-    )
-
-
-epsilons_at_most_one = st.floats(0.05, 1.0)
-epsilons_above_one = st.floats(1.05, 4.0)
-clip_ranges = st.floats(0.05, 0.95)
-loss_aggs = st.sampled_from(LOSS_AGG_MODES)
-prompt_weights = st.sampled_from(PROMPT_WEIGHTS)
-
-
-@st.composite
-def loss_configs(draw, names: tuple[str, ...] = ("nft", "rft", "grpo", "dr_grpo", "dapo", "infonca")):
-    """(name, hyperparameters) of any registered loss, over the valid ranges of its knobs."""
-    name = draw(st.sampled_from(names))
-    if name == "nft":
-        hparams = dict(
-            epsilon=draw(st.floats(0.05, 3.0)),
-            prompt_weight=draw(prompt_weights),
-            neg_weight=draw(st.floats(0.0, 2.0)),
-            loss_agg=draw(loss_aggs),
-        )
-    elif name == "rft":
-        hparams = dict(loss_agg=draw(loss_aggs))
-    elif name in ("grpo", "dr_grpo", "dapo"):
-        hparams = dict(clip_low=draw(clip_ranges), clip_high=draw(clip_ranges), loss_agg=draw(loss_aggs))
-    else:
-        hparams = dict(beta=draw(st.floats(0.01, 2.0)), sft_coef=draw(st.floats(0.0, 1.0)))
-    return name, hparams
+__all__ = [
+    "LOSS_AGG_MODES",
+    "PROMPT_WEIGHTS",
+    "TOKEN_LEVEL_LOSSES",
+    "PolicyBatch",
+    "clip_ranges",
+    "epsilons_above_one",
+    "epsilons_at_most_one",
+    "extreme_batches",
+    "group_rewards",
+    "loss_aggs",
+    "loss_configs",
+    "policy_batches",
+    "prompt_weights",
+]

@@ -8,7 +8,8 @@
    Eq. 12 (NFT: negative weight ω·r̂/(1 − r̂)·R / max((1 − r̂R)/(1 − r̂), ε)).
 5. Theorem 3.1 on a bandit: the negative-only NFT objective drives π_θ to π⁺ = π·p(r=1|a)/r_q.
 6. Micro-batches/ranks with the global normalizer sum to the whole batch's loss and gradient.
-Plus: every loss value equals its equation, written out row by row with an independent reference.
+Plus: every loss value equals its equation, written out row by row with an independent reference
+(polopt/testing/references.py, shared with the conformance kit).
 
 Mutations tried by hand (each applied alone to a copy of polopt/losses, all three test_losses_*
 files run with 60 derandomized examples; every mutation failed at least one test). Test names
@@ -50,10 +51,8 @@ without a file are in this module; numerics = test_losses_numerics.py, api = tes
 from __future__ import annotations
 
 import math
-import statistics
 
 import torch
-import torch.nn.functional as F
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from strategies import (
@@ -68,92 +67,7 @@ from strategies import (
 )
 
 from polopt.losses import get_loss, global_normalizer, group_correct_rate
-
-TIGHT = dict(rtol=1e-9, atol=1e-12)
-
-
-def loss_and_grad(loss_fn, batch: PolicyBatch, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-    logprobs = batch.leaf()
-    out = loss_fn(logprobs, batch.old_logprobs, batch.mask, batch.rewards, batch.group_ids, **kwargs)
-    out.loss.backward()
-    return out.loss.detach(), logprobs.grad
-
-
-# ---------------------------------------------------------------- independent reference formulas
-
-
-def reference_group_stats(batch: PolicyBatch) -> tuple[list[float], list[float]]:
-    """r̂ and population std of each row's group, from Python lists."""
-    members: dict[int, list[float]] = {}
-    for gid, reward in zip(batch.group_ids.tolist(), batch.rewards.tolist()):
-        members.setdefault(gid, []).append(reward)
-    rate = [statistics.fmean(members[g]) for g in batch.group_ids.tolist()]
-    std = [statistics.pstdev(members[g]) for g in batch.group_ids.tolist()]
-    return rate, std
-
-
-def aggregation_weights(mask: torch.Tensor, loss_agg: str, horizon: int | None = None) -> torch.Tensor:
-    """w [B, T] with loss = Σ_bt w_bt ℓ_bt, from verl's definitions of the five modes."""
-    rows, width = mask.shape
-    m = mask.double()
-    lengths = m.sum(dim=1, keepdim=True)
-    if loss_agg == "token-mean":
-        return m / max(m.sum().item(), 1)
-    if loss_agg == "token-sum":
-        return m
-    if loss_agg == "seq-mean-token-mean":
-        return torch.where(lengths > 0, m / lengths.clamp(min=1), 0.0) / rows
-    if loss_agg == "seq-mean-token-sum":
-        return m / rows
-    if loss_agg == "seq-mean-token-sum-norm":
-        return m / (rows * (horizon or width))
-    raise AssertionError(loss_agg)
-
-
-def reference_token_loss(name: str, hp: dict, reward: float, rate: float, std: float, log_ratio: float) -> float:
-    ratio = math.exp(log_ratio)
-    if name == "rft":
-        return reward * -log_ratio
-    if name == "nft":
-        omega = {"constant": 1.0, "dr_grpo": 1 - rate, "grpo": math.sqrt((1 - rate) / rate)}[hp["prompt_weight"]]
-        negative = -math.log(max((1 - rate * ratio) / (1 - rate), hp["epsilon"]))
-        return omega * (reward * -log_ratio + (1 - reward) * hp["neg_weight"] * negative)
-    advantage = (reward - rate) / std if name in ("grpo", "dapo") else reward - rate
-    clipped = min(max(ratio, 1 - hp["clip_low"]), 1 + hp["clip_high"])
-    return -min(ratio * advantage, clipped * advantage)
-
-
-def reference_loss(name: str, hp: dict, batch: PolicyBatch) -> float:
-    rate, std = reference_group_stats(batch)
-    mask, rewards = batch.mask, batch.rewards.tolist()
-    log_ratio = torch.where(mask, batch.logprobs - batch.old_logprobs, 0.0).tolist()
-    if name == "infonca":
-        return reference_infonca(hp, batch, rate, log_ratio)
-    weights = aggregation_weights(mask, hp["loss_agg"]).tolist()
-    total = 0.0
-    for b in range(mask.shape[0]):
-        if not 0 < rate[b] < 1:
-            continue
-        for t in range(int(mask[b].sum())):
-            total += weights[b][t] * reference_token_loss(name, hp, rewards[b], rate[b], std[b], log_ratio[b][t])
-    return total
-
-
-def reference_infonca(hp: dict, batch: PolicyBatch, rate: list[float], log_ratio: list[list[float]]) -> float:
-    groups: dict[int, list[int]] = {}
-    for b, gid in enumerate(batch.group_ids.tolist()):
-        groups.setdefault(gid, []).append(b)
-    total = 0.0
-    for rows in groups.values():
-        if not 0 < rate[rows[0]] < 1:
-            continue
-        h = {b: sum(log_ratio[b]) for b in rows}
-        log_norm = math.log(sum(math.exp(hp["beta"] * h[b]) for b in rows))
-        positives = [b for b in rows if batch.rewards[b] == 1]
-        for b in positives:
-            token_mean = h[b] / max(int(batch.mask[b].sum()), 1)
-            total += -(hp["beta"] * h[b] - log_norm + hp["sft_coef"] * token_mean) / len(positives)
-    return total / len(groups)
+from polopt.testing.references import TIGHT, analytic_gradient, dpo_loss, loss_and_grad, reference_loss
 
 
 @given(policy_batches(), loss_configs())
@@ -227,42 +141,16 @@ def test_nft_loss_is_zero_at_the_old_policy(batch, loss_agg, epsilon, weight, ne
 @given(policy_batches(max_group_size=2, signal="all"), st.floats(0.01, 2.0))
 def test_infonca_with_one_right_and_one_wrong_answer_is_dpo(batch, beta):
     """Appendix B: with K = 2, InfoNCA is DPO, −log σ(β(h_w − h_l)), with π_ref = π_old."""
-    logprobs = batch.leaf()
-    out = get_loss("infonca", beta=beta)(logprobs, batch.old_logprobs, batch.mask, batch.rewards, batch.group_ids)
-    out.loss.backward()
+    infonca_loss, infonca_grad = loss_and_grad(get_loss("infonca", beta=beta), batch)
 
     dpo_logprobs = batch.leaf()
-    h = torch.where(batch.mask, dpo_logprobs - batch.old_logprobs, 0.0).sum(dim=1)
-    pairs = [torch.nonzero(batch.group_ids == g).flatten() for g in batch.group_ids.unique()]
-    margins = torch.stack([h[p][batch.rewards[p] == 1].sum() - h[p][batch.rewards[p] == 0].sum() for p in pairs])
-    dpo = -F.logsigmoid(beta * margins).mean()
-    dpo.backward()
-    torch.testing.assert_close(out.loss.detach(), dpo.detach(), **TIGHT)
-    torch.testing.assert_close(logprobs.grad, dpo_logprobs.grad, **TIGHT)
+    dpo = dpo_loss(dpo_logprobs, batch, beta)
+    (dpo_grad,) = torch.autograd.grad(dpo, dpo_logprobs)
+    torch.testing.assert_close(infonca_loss, dpo.detach(), **TIGHT)
+    torch.testing.assert_close(infonca_grad, dpo_grad, **TIGHT)
 
 
 # ---------------------------------------------------------------- identity 4 (Prop. 4.1, Eq. 11–12)
-
-
-def analytic_gradient(name: str, hp: dict, batch: PolicyBatch) -> torch.Tensor:
-    """∂loss/∂log π_θ from Eq. 11 (GRPO family), Eq. 12 (NFT) and RFT's −r, times the aggregation weight."""
-    rate, std = (torch.tensor(v, dtype=torch.float64)[:, None] for v in reference_group_stats(batch))
-    reward = batch.rewards[:, None]
-    ratio = torch.exp(torch.where(batch.mask, batch.logprobs - batch.old_logprobs, 0.0))
-    safe = torch.where((rate > 0) & (rate < 1), rate, 0.5)
-    if name == "rft":
-        per_token = -reward.expand_as(ratio)
-    elif name == "nft":
-        omega = {"constant": 1.0, "dr_grpo": 1 - safe, "grpo": torch.sqrt((1 - safe) / safe)}[hp["prompt_weight"]]
-        negative_ratio = (1 - safe * ratio) / (1 - safe)
-        negative = hp["neg_weight"] * (safe / (1 - safe)) * ratio / negative_ratio.clamp(min=hp["epsilon"])
-        per_token = omega * torch.where(reward == 1, -torch.ones_like(ratio), negative)
-    else:
-        advantage = (reward - safe) / std.clamp(min=1e-300) if name in ("grpo", "dapo") else reward - safe
-        inside = ((advantage > 0) & (ratio < 1 + hp["clip_high"])) | ((advantage < 0) & (ratio > 1 - hp["clip_low"]))
-        per_token = torch.where(inside, -advantage * ratio, 0.0)
-    per_token = torch.where((rate > 0) & (rate < 1), per_token, 0.0)
-    return per_token * aggregation_weights(batch.mask, hp["loss_agg"])
 
 
 @given(

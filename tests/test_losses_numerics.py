@@ -8,8 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 from hypothesis import given
-from hypothesis import strategies as st
-from strategies import PolicyBatch, loss_configs, policy_batches
+from strategies import PolicyBatch, extreme_batches, loss_configs, policy_batches
 
 from polopt.losses import get_loss, group_correct_rate
 
@@ -19,15 +18,6 @@ def run(loss_fn, batch: PolicyBatch, dtype: torch.dtype = torch.float64, **kwarg
     out = loss_fn(logprobs, batch.old_logprobs.to(dtype), batch.mask, batch.rewards, batch.group_ids, **kwargs)
     out.loss.backward()
     return out, logprobs.grad
-
-
-@st.composite
-def extreme_batches(draw, magnitude: float):
-    """Batches whose every token has log π_θ − log π_old ∈ {−magnitude, 0, +magnitude}."""
-    batch = draw(policy_batches())
-    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
-    signs = torch.randint(-1, 2, batch.logprobs.shape, generator=generator).double()
-    return replace(batch, old_logprobs=torch.where(batch.mask, batch.logprobs - magnitude * signs, batch.old_logprobs))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
