@@ -110,7 +110,8 @@ class OnlineRLRecipe(FTRecipeInterface):
             self.load_checkpoint()
 
     def _setup_loss(self, cfg: DictConfig):
-        kwargs = OmegaConf.to_container(cfg.loss_args.get(cfg.loss, {}) or {}, resolve=True)
+        section = cfg.loss_args.get(cfg.loss)
+        kwargs = OmegaConf.to_container(section, resolve=True) if section is not None else {}
         try:
             loss_fn = get_loss(cfg.loss, **kwargs)
         except (KeyError, ValueError, TypeError) as e:
