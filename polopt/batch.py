@@ -22,7 +22,7 @@ The trainer's log-prob of response token t sits at logits position P - 1 + t.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -61,6 +61,12 @@ class PromptGroup:
         if self.rewards is None:
             raise ValueError("PromptGroup.correct_rate needs rewards: run the verifier first")
         return sum(self.rewards) / len(self.rewards)
+
+
+def scored_rewards(completions: Sequence[Completion], verifier_rewards: Sequence[float]) -> list[float]:
+    """The rewards a group trains on: the verifier's, except that truncated answers score 0
+    (an answer cut off at max_new_tokens is wrong whatever it contains, the paper's setting)."""
+    return [0.0 if c.truncated else float(r) for c, r in zip(completions, verifier_rewards, strict=True)]
 
 
 @dataclass

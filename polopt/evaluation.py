@@ -12,6 +12,7 @@ from typing import Callable, Optional, Sequence
 
 from tqdm import tqdm
 
+from polopt.batch import scored_rewards
 from polopt.rollout import SamplingParams
 
 
@@ -47,9 +48,7 @@ def evaluate_prompts(
         rewards = verifier(texts, answers)
         flat = [c for completions in groups for c in completions]
         for i, completions in enumerate(groups):
-            scores = [
-                0.0 if c.truncated else rewards[i * k + j] for j, c in enumerate(completions)
-            ]
+            scores = scored_rewards(completions, rewards[i * k : (i + 1) * k])
             correct += sum(scores)
             solved += float(max(scores) > 0)
         tokens += sum(len(c.token_ids) for c in flat)

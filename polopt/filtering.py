@@ -21,19 +21,13 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from polopt.batch import Completion, PromptGroup
+from polopt.batch import Completion, PromptGroup, scored_rewards
 from polopt.losses.group_stats import informative
 from polopt.rollout import SamplingParams
 
 log = logging.getLogger(__name__)
 
 PROMPT_KEYS = ("prompt_ids", "answer")
-
-
-def scored_rewards(completions: Sequence[Completion], verifier_rewards: Sequence[float]) -> list[float]:
-    """The rewards a group trains on: the verifier's, except that truncated answers score 0
-    (an answer cut off at max_new_tokens is wrong whatever it contains, the paper's setting)."""
-    return [0.0 if c.truncated else float(r) for c, r in zip(completions, verifier_rewards, strict=True)]
 
 
 class DynamicSampler:
