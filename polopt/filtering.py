@@ -21,7 +21,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from polopt.batch import Completion, PromptGroup, scored_rewards
+from polopt.batch import PromptGroup, scored_rewards
 from polopt.losses.group_stats import informative
 from polopt.rollout import SamplingParams
 
