@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
 
