@@ -1,6 +1,6 @@
 """avg@k and pass@k of an HF-format model on math benchmarks, with the training data path.
 
-    tune run recipes/evaluate.py --config configs/evaluate.yaml \
+    PYTHONPATH=. tune run recipes/evaluate.py --config configs/evaluate.yaml \
         model_dir=outputs/tiny_arith/final k=4 output_dir=outputs/eval \
         'datasets=[assets/tiny_arith/val.jsonl,../shared/data/math500.jsonl]'
 

@@ -1,7 +1,7 @@
 """Online RL for LLM math reasoning with any polopt loss: Algorithm 1 of the NFT paper.
 
-    tune run recipes/online_rl_distributed.py --config configs/tiny_arith.yaml loss=nft
-    tune run --nproc_per_node 2 recipes/online_rl_distributed.py --config ... loss=grpo
+    PYTHONPATH=. tune run recipes/online_rl_distributed.py --config configs/tiny_arith.yaml loss=nft
+    PYTHONPATH=. tune run --nproc_per_node 2 recipes/online_rl_distributed.py --config ... loss=grpo
 
 One step of this recipe is one policy iteration:
 
