@@ -92,7 +92,9 @@ def write_solution(problem: Problem, rng: random.Random | None = None, q: float 
             if carry and rng.random() < 0.5:
                 shown_carry, result = 0, x + y  # forgot the carry
             else:
-                result += rng.choice([-1, 1]) if result > 0 else 1  # slip by one
+                slip = rng.choice([-1, 1]) if result > 0 else 1  # slip by one
+                # 9+9+1 slipping up to 20 would carry 2, which a step cannot show (`+1`).
+                result += -1 if result + slip > 19 else slip
         steps.append(f"{x}+{y}{'+1' if shown_carry else ''}={result}")
         ones.append(result % 10)
         carry = result // 10
