@@ -26,6 +26,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from polopt.losses.group_stats import group_correct_rate
+
 
 @dataclass
 class Completion:
@@ -124,10 +126,7 @@ class RolloutBatch:
         truncated = torch.tensor([c.truncated for _, c, _ in rows], dtype=torch.bool)
         rewards = torch.where(truncated, torch.zeros_like(rewards), rewards).float()
         group_ids = torch.tensor([gid for _, _, gid in rows], dtype=torch.long)
-        correct_rate = torch.zeros(B)
-        for gid in group_ids.unique():
-            in_group = group_ids == gid
-            correct_rate[in_group] = rewards[in_group].mean()
+        correct_rate = group_correct_rate(rewards, group_ids)
         return cls(
             input_ids=input_ids,
             attention_mask=attention_mask,
