@@ -17,16 +17,17 @@ defaults of its own paper, nothing is tuned per loss). Reads each run's history.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
+
+from logprob_memory import environment  # benchmarks/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -78,23 +79,10 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
 
 
 def machine_info() -> dict:
-    import torch
-
-    try:
-        import torchtune
-
-        tt = torchtune.__version__
-    except Exception:  # pragma: no cover - reporting only
-        tt = "?"
-    return {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchtune": tt,
-    }
+    """The machine/versions block every benchmark writes, plus torchtune (these runs go through it)."""
+    info = environment("cpu")
+    info["torchtune"] = version("torchtune")
+    return info
 
 
 def plot(variants: dict[str, list[dict]], path: Path, title: str) -> None:
