@@ -156,6 +156,47 @@ def test_shared_prefill_matches_per_sample_prefill(model, prompts, num_samples, 
             torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
 
 
+def generate_retiring(model, prompts, num_samples, params, *, fraction: float, shared: bool):
+    """(answers, number of retirements) with `RETIRE_FRACTION` set to `fraction` for the call."""
+    from polopt.rollout import native
+
+    retired = []
+    keep_prefixes = native._PrefixSharedKVCache.keep_prefixes
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(native, "RETIRE_FRACTION", fraction)
+        mp.setattr(native._PrefixSharedKVCache, "keep_prefixes", lambda self, keep: retired.append(1) or keep_prefixes(self, keep))
+        groups = engine(model, shared_prefill=shared).generate(prompts, num_samples, params)
+    return groups, len(retired)
+
+
+def assert_same_answers(groups_a, groups_b):
+    for g_a, g_b in zip(groups_a, groups_b, strict=True):
+        for a, b in zip(g_a, g_b, strict=True):
+            assert a.token_ids == b.token_ids and a.truncated == b.truncated
+            torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+
+
+@settings(max_examples=8)
+@given(prompts=prompt_lists, num_samples=st.integers(1, 3), seed=st.integers(0, 2**31 - 1))
+def test_retiring_finished_prompts_changes_no_answer(model, prompts, num_samples, seed):
+    # Retire whenever a prefix is done vs never, with and without shared prefill: same answers.
+    params = SamplingParams(max_new_tokens=12, stop_token_ids=STOP_IDS, seed=seed)
+    never, _ = generate_retiring(model, prompts, num_samples, params, fraction=2.0, shared=True)
+    for shared in (True, False):
+        eager, _ = generate_retiring(model, prompts, num_samples, params, fraction=0.0, shared=shared)
+        assert_same_answers(never, eager)
+
+
+def test_retirement_happens_and_shrinks_the_batch(model):
+    # Long answers over many prompts: some prompts finish early, and the default fraction retires them.
+    prompts = [[p, p + 2] for p in range(7, 47, 4)]
+    params = SamplingParams(max_new_tokens=40, stop_token_ids=STOP_IDS, seed=0)
+    default, retirements = generate_retiring(model, prompts, 3, params, fraction=0.25, shared=True)
+    never, none = generate_retiring(model, prompts, 3, params, fraction=2.0, shared=True)
+    assert retirements >= 1 and none == 0
+    assert_same_answers(never, default)
+
+
 def greedy_reference(model, prompt: list[int], steps: int) -> list[int]:
     """Greedy decoding the slow way: a full forward without caches for every new token."""
     ids = list(prompt)

@@ -2,17 +2,21 @@
 
 One `generate` call, per chunk of prompts (N prompts × K samples = B rows):
 
-    prefill   the N left-padded prompts once (shared prefill), caches of batch N
-    expand    repeat each prompt's KV cache K times (rows i·K … i·K+K−1 belong to prompt i)
-    decode    one token per step for all B rows until every row has hit a stop token or
-              max_new_tokens; finished rows keep decoding (their tokens are discarded) so that the
-              random numbers each row consumes do not depend on when other rows finish
+    prefill   the N left-padded prompts once (shared prefill): a prefix cache of batch N
+    decode    one token per step for every row still running, until all rows have hit a stop
+              token or max_new_tokens. The K rows of a prompt attend to its one prefix cache (their
+              queries stacked into one matrix per prompt) plus their own generated keys, so the
+              prompt's keys are read once per step, not K times
+    retire    once a quarter of the prompts still decoding have all K rows stopped, their rows
+              leave the batch (caches compacted); rows of a prompt that is still running go on
+              decoding after their own stop token, their tokens discarded
 
 Sampling uses the exponential-race form of a categorical draw, token = argmax(p / q) with
-q ~ Exp(1) of shape [B, V] per step from one `torch.Generator`, so the draws are the same with and
-without shared prefill. p is softmax(logits / T) truncated by top-k then top-p; the reported
-log-prob is log_softmax(logits / T) of the *full* vocabulary (see `polopt.rollout`), which is what
-the trainer recomputes.
+q ~ Exp(1) of shape [B, V] per step from one `torch.Generator`, drawn for all B rows whether or not
+they still run, so each row's draws are the same with and without shared prefill and whatever the
+other rows do. p is softmax(logits / T) truncated by top-k then top-p; the reported log-prob is
+log_softmax(logits / T) of the *full* vocabulary (see `polopt.rollout`), which is what the trainer
+recomputes.
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ from torchtune.modules.kv_cache import KVCache
 
 from polopt.batch import Completion
 from polopt.rollout import SamplingParams, check_generate_args
+
+
+RETIRE_FRACTION = 0.25  # retire finished prompts once they are this fraction of those still decoding
 
 
 class NativeRolloutEngine:
@@ -105,49 +112,60 @@ class NativeRolloutEngine:
         model, K = self.model, num_samples
         device = model.tok_embeddings.weight.device
         N, P, T = len(prompt_ids), max(len(p) for p in prompt_ids), params.max_new_tokens
-        B, cache_len = N * K, P + T
+        B = N * K
         tokens = torch.full((N, P), self.pad_id, dtype=torch.long, device=device)
         prompt_mask = torch.zeros((N, P), dtype=torch.bool, device=device)
         for i, ids in enumerate(prompt_ids):
             tokens[i, P - len(ids) :] = torch.tensor(ids, dtype=torch.long, device=device)
             prompt_mask[i, P - len(ids) :] = True
-        prompt_lens = prompt_mask.sum(1)
+        row_lens = prompt_mask.sum(1).repeat_interleave(K)
+        # A "prefix" is one prefilled prompt and the `share` rows that decode from it.
+        share = K if self.shared_prefill else 1
         if not self.shared_prefill:
             tokens, prompt_mask = tokens.repeat_interleave(K, 0), prompt_mask.repeat_interleave(K, 0)
-        # Caches are sized with the model's own kv-head count, before _grouped_query_decode.
-        model.setup_caches(batch_size=tokens.shape[0], dtype=model.tok_embeddings.weight.dtype, decoder_max_seq_len=cache_len)
+        model.setup_caches(batch_size=tokens.shape[0], dtype=model.tok_embeddings.weight.dtype, decoder_max_seq_len=P)
         try:
-            _attend_to_filled_prefix(model)
-            with _grouped_query_decode(model):
+            with _prefix_shared_attention(model) as caches:
                 logits = model(
                     tokens,
                     input_pos=get_position_ids_from_padding_mask(prompt_mask),
                     mask=get_causal_mask_from_padding_mask(prompt_mask),
-                )[:, -1]
-                if self.shared_prefill:
-                    _repeat_caches(model, K)
-                    logits = logits.repeat_interleave(K, 0)
-                    prompt_mask = prompt_mask.repeat_interleave(K, 0)
+                )[:, -1].repeat_interleave(share, 0)
+                for cache in caches:
+                    cache.start_decoding(rows_per_prefix=share, max_new_tokens=T)
                 # Keys each row may attend to: its real prompt tokens, then every generated token.
-                key_mask = torch.zeros((B, cache_len), dtype=torch.bool, device=device)
-                key_mask[:, :P] = prompt_mask
-                row_lens = prompt_lens.repeat_interleave(K)
+                key_mask = torch.ones((B, P + T), dtype=torch.bool, device=device)
+                key_mask[:, :P] = prompt_mask.repeat_interleave(share, 0)
                 stop_ids = torch.tensor(params.stop_token_ids, dtype=torch.long, device=device)
                 out_tokens = torch.zeros((B, T), dtype=torch.long, device=device)
                 out_logprobs = torch.zeros((B, T), dtype=torch.float32, device=device)
                 lengths = torch.full((B,), T, dtype=torch.long, device=device)
                 stopped = torch.zeros(B, dtype=torch.bool, device=device)
+                rows = torch.arange(B, device=device)  # the rows still decoding, prefix by prefix
                 for t in range(T):
-                    token, logprob = sample_tokens(logits, params, generator)
-                    out_tokens[:, t], out_logprobs[:, t] = token, logprob
-                    newly = torch.isin(token, stop_ids) & ~stopped
-                    lengths[newly] = t + 1
-                    stopped |= newly
-                    if t == T - 1 or bool(stopped.all()):
+                    # Noise for all B rows every step: a row's draws never depend on the others.
+                    noise = _exponential_noise((B, logits.shape[-1]), device, generator)
+                    token, logprob = sample_tokens(logits, params, noise=noise[rows])
+                    out_tokens[rows, t], out_logprobs[rows, t] = token, logprob
+                    newly = torch.isin(token, stop_ids) & ~stopped[rows]
+                    lengths[rows[newly]] = t + 1
+                    stopped[rows[newly]] = True
+                    if t == T - 1:
                         break
-                    key_mask[:, P + t] = True
+                    done = stopped[rows].view(-1, share).all(1)
+                    if bool(done.all()):
+                        break
+                    # Compacting the caches costs about one step's cache reads: worth it once a
+                    # quarter of the prefixes left are done.
+                    n_done = int(done.sum())
+                    if n_done and n_done >= RETIRE_FRACTION * done.numel():
+                        keep = (~done).nonzero().squeeze(1)
+                        for cache in caches:
+                            cache.keep_prefixes(keep)
+                        keep_rows = (keep[:, None] * share + torch.arange(share, device=device)).flatten()
+                        rows, token = rows[keep_rows], token[keep_rows]
                     logits = model(
-                        token[:, None], input_pos=(row_lens + t)[:, None], mask=key_mask[:, None, : P + t + 1]
+                        token[:, None], input_pos=(row_lens[rows] + t)[:, None], mask=key_mask[rows, None, : P + t + 1]
                     )[:, -1]
         finally:
             delete_kv_caches(model)
@@ -168,14 +186,18 @@ class NativeRolloutEngine:
 
 
 def sample_tokens(
-    logits: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator]
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: Optional[torch.Generator] = None,
+    *,
+    noise: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row from logits [B, V]: (token [B], log_softmax(logits/T)[token] [B], fp32).
 
     top-k keeps the k largest logits (ties at the k-th value kept), top-p the smallest prefix of
     the sorted distribution whose mass reaches p (at least one token). The draw is
     argmax(p / q), q ~ Exp(1) — an exact categorical sample that consumes B·V numbers per step
-    whatever the truncation.
+    whatever the truncation. `noise` is that q, [B, V] (drawn from `generator` when not given).
     """
     scaled = logits.float() / params.temperature
     logprobs = torch.log_softmax(scaled, dim=-1)
@@ -189,46 +211,78 @@ def sample_tokens(
         drop_sorted = mass_before >= params.top_p * sorted_probs.sum(-1, keepdim=True)
         drop_sorted[:, 0] = False
         probs = probs.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), 0.0)
-    q = torch.empty_like(probs).exponential_(1, generator=generator)
-    token = (probs / q).argmax(-1)
+    if noise is None:
+        noise = _exponential_noise(probs.shape, probs.device, generator)
+    token = (probs / noise).argmax(-1)
     return token, logprobs.gather(-1, token[:, None]).squeeze(-1)
 
 
-class _FilledPrefixKVCache(KVCache):
-    """A torchtune KVCache whose `update` returns only the filled positions, so attention (and
-    torchtune's grouped-query expand, a copy) cost the current length, not the full P + T.
-    The fill level is a Python int: no device sync per layer."""
+def _exponential_noise(shape, device, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """q ~ Exp(1) as −log U, U ~ U[0, 1) (a quarter of `Tensor.exponential_`'s time on CPU).
+    U = 0 gives q = inf, so that token's p / q is 0: never NaN, never picked."""
+    return torch.rand(shape, device=device, generator=generator).log_().neg_()
 
+
+class _PrefixSharedKVCache(KVCache):
+    """A torchtune KVCache for generation from shared prefixes.
+
+    Prefill: the R prompts are written as usual (the cache holds exactly P positions) and
+    `update` returns them. `start_decoding(rows_per_prefix=K, ...)` then keeps those P positions
+    as the *prefix* cache [R, n_kv, P, d] and starts a *generated* cache [R·K, n_kv, T, d]; each
+    decode `update` appends to the generated cache and returns its filled part, and
+    `_prefix_shared_attention_call` reads the prefix cache once per prompt for its K rows
+    (instead of K copies of it). Fill levels are Python ints: no device sync per layer.
+    """
+
+    prefix_k: Optional[torch.Tensor] = None
+    prefix_v: Optional[torch.Tensor] = None
     filled: int = 0
 
+    def start_decoding(self, rows_per_prefix: int, max_new_tokens: int) -> None:
+        self.prefix_k, self.prefix_v = self.k_cache, self.v_cache
+        R, n_kv, _, d = self.k_cache.shape
+        shape = (R * rows_per_prefix, n_kv, max_new_tokens, d)
+        self.k_cache = torch.zeros(shape, dtype=self.k_cache.dtype, device=self.k_cache.device)
+        self.v_cache = torch.zeros_like(self.k_cache)
+        self.filled = 0
+
+    def keep_prefixes(self, keep: torch.Tensor) -> None:
+        """Drop every prefix not in `keep` (prefix indices, ascending) and its rows."""
+        share = self.k_cache.shape[0] // self.prefix_k.shape[0]
+        rows = (keep[:, None] * share + torch.arange(share, device=keep.device)).flatten()
+        self.prefix_k, self.prefix_v = self.prefix_k[keep], self.prefix_v[keep]
+        self.k_cache, self.v_cache = self.k_cache[rows], self.v_cache[rows]
+
     def update(self, k_val: torch.Tensor, v_val: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        k_out, v_out = super().update(k_val, v_val)
-        self.filled += k_val.shape[2]
-        return k_out[:, :, : self.filled], v_out[:, :, : self.filled]
-
-
-def _attend_to_filled_prefix(model: torch.nn.Module) -> None:
-    for module in model.modules():
-        if type(module) is KVCache:
-            module.__class__ = _FilledPrefixKVCache
-            module.filled = 0
+        if self.prefix_k is None:
+            return super().update(k_val, v_val)
+        end = self.filled + k_val.shape[2]
+        self.k_cache[:, :, self.filled : end] = k_val
+        self.v_cache[:, :, self.filled : end] = v_val
+        self.filled = end
+        return self.k_cache[:, :, :end], self.v_cache[:, :, :end]
 
 
 @contextlib.contextmanager
-def _grouped_query_decode(model: torch.nn.Module):
-    """During generation only: attend with the n_kv cached heads directly instead of torchtune's
-    copy of the whole cache to n_h heads at every step (its grouped-query `expand`), which is
-    most of a decode step's memory traffic. Each attention module is told it has n_h kv heads
-    (so it skips the expand) and gets an attention call that groups the queries by kv head.
-    Restored on exit; training forwards never see it."""
-    patched = []
+def _prefix_shared_attention(model: torch.nn.Module):
+    """During generation only: turn the model's KV caches into `_PrefixSharedKVCache`s and give
+    each attention module `_prefix_shared_attention_call`. Grouped-query modules are told they
+    have n_h kv heads, so torchtune skips its per-step copy of the cache to n_h heads (most of a
+    decode step's memory traffic) and the call groups the queries by kv head instead. Yields the
+    caches; everything is restored on exit, so training forwards never see it."""
+    patched, caches = [], []
     for module in model.modules():
-        if isinstance(module, MultiHeadAttention) and module.num_heads != module.num_kv_heads:
+        if isinstance(module, MultiHeadAttention) and module.kv_cache is not None:
+            cache = module.kv_cache
+            cache.__class__ = _PrefixSharedKVCache
+            caches.append(cache)
             patched.append((module, module.num_kv_heads, module.__dict__.get("_attention_call")))
-            module._attention_call = partial(_grouped_attention, groups=module.num_heads // module.num_kv_heads)
+            module._attention_call = partial(
+                _prefix_shared_attention_call, cache=cache, groups=module.num_heads // module.num_kv_heads
+            )
             module.num_kv_heads = module.num_heads
     try:
-        yield
+        yield caches
     finally:
         for module, num_kv_heads, attention_call in patched:
             module.num_kv_heads = num_kv_heads
@@ -238,28 +292,41 @@ def _grouped_query_decode(model: torch.nn.Module):
                 module._attention_call = attention_call
 
 
-def _grouped_attention(q, k, v, mask, dropout_p: float, is_causal: bool, *, groups: int) -> torch.Tensor:
-    """q [b, n_h, s, d] against k, v [b, n_kv, L, d] with n_h = groups · n_kv (head h reads kv
-    head h // groups, as torchtune's expand does); mask [b, s, L] boolean."""
-    b, n_h, s, d = q.shape
-    attn_mask = None if mask is None else mask[:, None]
-    if s == 1:  # decode: the `groups` query heads of a kv head form one [groups, d] block
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q.view(b, n_h // groups, groups, d), k, v, attn_mask=attn_mask, dropout_p=dropout_p
+def _prefix_shared_attention_call(
+    q, k, v, mask, dropout_p: float, is_causal: bool, *, cache: _PrefixSharedKVCache, groups: int
+) -> torch.Tensor:
+    """Attention of q [b, n_h, s, d] (n_h = groups · n_kv; head h reads kv head h // groups, as
+    torchtune's expand does) with a boolean mask [b, s, keys].
+
+    Prefill (no prefix cache yet): k, v [b, n_kv, s, d] are the prompts' own keys; plain SDPA.
+    Decode (s = 1, b = R·K rows, K per prefix): the keys are the prefix [R, n_kv, P, d] followed by
+    the row's generated keys k, v [b, n_kv, t, d], so
+
+        scores = [q·K_prefixᵀ | q·K_genᵀ] / √d,   out = softmax(scores) · [V_prefix ; V_gen]
+
+    with the K·groups queries of a prefix stacked into one matrix against its prefix keys, so each
+    prefix's keys and values are read once per step rather than K times."""
+    if cache.prefix_k is None:
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=None if mask is None else mask[:, None], dropout_p=dropout_p,
+            is_causal=is_causal, enable_gqa=groups > 1,
         )
-        return out.view(b, n_h, 1, d)
-    return torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, enable_gqa=True
-    )
-
-
-def _repeat_caches(model: torch.nn.Module, times: int) -> None:
-    """Replicate each cache row `times` times in place (row i → rows i·times … i·times+times−1)."""
-    for module in model.modules():
-        if isinstance(module, KVCache):
-            module.k_cache = module.k_cache.repeat_interleave(times, 0)
-            module.v_cache = module.v_cache.repeat_interleave(times, 0)
-            module.batch_size = module.k_cache.shape[0]
+    prefix_k, prefix_v = cache.prefix_k, cache.prefix_v
+    R, n_kv, P, d = prefix_k.shape
+    b, t = q.shape[0], k.shape[2]
+    share = b // R
+    # [b, n_h, 1, d] → per prefix: [R, n_kv, share·groups, d]
+    q_prefix = q.view(R, share, n_kv, groups, d).transpose(1, 2).reshape(R, n_kv, share * groups, d)
+    s_prefix = torch.matmul(q_prefix, prefix_k.transpose(-1, -2))
+    s_prefix = s_prefix.view(R, n_kv, share, groups, P).transpose(1, 2).reshape(b, n_kv, groups, P)
+    s_gen = torch.matmul(q.view(b, n_kv, groups, d), k.transpose(-1, -2))
+    scores = torch.cat([s_prefix, s_gen], dim=-1).float() * d**-0.5
+    scores = scores.masked_fill(~mask[:, None], float("-inf"))  # mask [b, 1, P + t] → [b, 1, 1, P + t]
+    probs = scores.softmax(-1).to(q.dtype)
+    p_prefix = probs[..., :P].reshape(R, share, n_kv, groups, P).transpose(1, 2).reshape(R, n_kv, share * groups, P)
+    out_prefix = torch.matmul(p_prefix, prefix_v).view(R, n_kv, share, groups, d).transpose(1, 2)
+    out = out_prefix.reshape(b, n_kv, groups, d) + torch.matmul(probs[..., P:], v)
+    return out.reshape(b, n_kv * groups, 1, d)
 
 
 def _same_tensors(model: torch.nn.Module, state_dict: dict) -> bool:
