@@ -143,9 +143,9 @@ def markdown(sections: list[dict]) -> str:
             peak = f"{r['peak_gib']:.1f}" if "peak_gib" in r else "–"
             lines.append(f"| {name} | {r['seconds']:.3f} | {r['tokens_per_s']:.0f} | {r['model_tflop_per_step']:.3g} | {mfu} | {peak} |")
         if not s["gpu"]:
-            lines += ["", "CPU caveat: measured on 2 cores shared with other jobs; on that machine the same fused or",
-                      "materialised forward+backward varied up to 4x between repeats, so this table does not rank the",
-                      "two paths. benchmarks/results/logprob_memory.md isolates the log-prob path per process."]
+            lines += ["", "CPU caveat: on a 2-core virtual machine the same step has varied up to 4x between runs when",
+                      "other jobs shared it, so one run does not rank the two paths. benchmarks/results/logprob_memory.md",
+                      "isolates the log-prob path, each variant in its own process."]
         lines.append("")
     if not any(s["gpu"] for s in sections):
         lines += [
