@@ -98,7 +98,8 @@ def make_step(variant: str, hidden, weight, targets, upstream, chunk_size: int, 
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
         advantages = (rewards - rewards.view(-1, group_size).mean(1).repeat_interleave(group_size)).float()
-        liger = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False)
+        # loss_type="grpo": per-sequence mean then batch mean, as polopt's grpo (Liger's default is dapo)
+        liger = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, loss_type="grpo")
 
         def step():
             hidden.grad = weight.grad = None
