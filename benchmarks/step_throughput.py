@@ -74,6 +74,9 @@ def measure(args, fused: bool) -> dict:
     gpu = args.device.startswith("cuda")
     model_cfg = GPU_MODEL if gpu else CPU_MODEL
     dtype = torch.bfloat16 if gpu else torch.float32
+    if gpu:  # each variant's peak on its own: the previous variant's model and states are garbage by now
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
     with training.set_default_dtype(dtype), torch.device(args.device):
         model = qwen2(**model_cfg)
