@@ -27,10 +27,8 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-from logprob_memory import environment  # benchmarks/ is on sys.path when run as a script
+from _common import REPO, RESULTS, environment  # benchmarks/ is on sys.path when run as a script
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "benchmarks" / "results"
 ALL_LOSSES = ["nft", "rft", "grpo", "dr_grpo", "dapo", "infonca"]
 
 

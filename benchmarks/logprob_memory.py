@@ -23,49 +23,21 @@ A figure, not a test: nothing asserts a time.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import resource
-import shlex
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
-
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "benchmarks" / "results"
+from _common import REPO, RESULTS, environment, synchronize  # benchmarks/ is on sys.path when run as a script
 CPU_SHAPE = dict(tokens=8192, dim=512, vocab=32000, dtype="float32")
 GPU_SHAPE = dict(tokens=16384, dim=1536, vocab=151936, dtype="bfloat16")
 
 
-def environment(device: str) -> dict:
-    """Machine, versions, date and exact command, for every results file."""
-    gpu = device.startswith("cuda")
-    return {
-        "device": device,
-        "device_name": torch.cuda.get_device_name() if gpu else (platform.processor() or platform.machine()),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda if gpu else None,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python " + shlex.join([str(Path(sys.argv[0]).relative_to(REPO)) if Path(sys.argv[0]).is_absolute() else sys.argv[0], *sys.argv[1:]]),
-    }
-
-
 def _rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def make_step(variant: str, hidden, weight, targets, upstream, chunk_size: int, group_size: int):
@@ -139,7 +111,7 @@ def worker(args) -> dict:
 
     token_logprobs(hidden[small].detach().requires_grad_(True), weight, targets[small], chunk_size=64).sum().backward()
     weight.grad = None
-    _sync(device)
+    synchronize(device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated()
@@ -149,10 +121,10 @@ def worker(args) -> dict:
     step = make_step(args.variant, hidden, weight, targets, upstream, args.chunk_size, args.group_size)
     times = []
     for _ in range(args.repeats + 1):
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         step()
-        _sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     peak = (torch.cuda.max_memory_allocated() if device.startswith("cuda") else _rss_bytes()) - baseline
     return {

@@ -15,21 +15,12 @@ not a test: nothing here asserts a time.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
-import shlex
-import statistics
-import sys
-import time
-from pathlib import Path
 
 import torch
+from _common import RESULTS, environment, time_call  # benchmarks/ is on sys.path when run as a script
 
 from polopt.losses import get_loss, list_losses
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def make_inputs(batch: int, length: int, group_size: int, device: str, seed: int = 0):
@@ -41,25 +32,6 @@ def make_inputs(batch: int, length: int, group_size: int, device: str, seed: int
     rewards = torch.randint(0, 2, (batch,), generator=generator).float()
     group_ids = torch.arange(batch) // group_size
     return [t.to(device) for t in (logprobs, old_logprobs, mask, rewards, group_ids)]
-
-
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def time_call(step, device: str, repeats: int) -> dict[str, float]:
-    """Median and fastest seconds of `step()` over `repeats` runs after 3 warm-ups."""
-    for _ in range(3):
-        step()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return {"seconds": statistics.median(times), "min_seconds": min(times)}
 
 
 def measure(args) -> dict:
@@ -83,19 +55,11 @@ def measure(args) -> dict:
     for row in rows:
         row["relative"] = row["seconds"] / baseline
     return {
-        "device": args.device,
-        "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
+        **environment(args.device),
         "shape": [args.batch, args.length],
         "group_size": args.group_size,
         "dtype": "float32",
         "repeats": args.repeats,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python " + shlex.join(["benchmarks/loss_overhead.py", *sys.argv[1:]]),
         "rows": rows,
     }
 

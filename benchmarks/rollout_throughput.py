@@ -29,21 +29,12 @@ A figure, not a test.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
-import shlex
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
-from loss_overhead import synchronize  # benchmarks/ is on sys.path when run as a script
-
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "benchmarks" / "results"
+from _common import REPO, RESULTS, environment, synchronize  # benchmarks/ is on sys.path when run as a script
 TINY_ARITH_DIR = REPO / "assets" / "tiny_arith"
 
 
@@ -195,16 +186,8 @@ def measure(args) -> dict:
               f"{r['speedup_vs_transformers']:.2f}x transformers", flush=True)
     on_gpu = args.device.startswith("cuda")
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join([sys.executable.split("/")[-1], *sys.argv]),
-        "device": args.device,
-        "device_name": torch.cuda.get_device_name() if on_gpu else (platform.processor() or platform.machine()),
+        **environment(args.device),
         "ran_on_gpu": on_gpu,
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
         "transformers": transformers.__version__,
         "torchtune": __import__("torchtune").__version__,
         "dtype": args.dtype,

@@ -36,13 +36,12 @@ from torchtune.models.qwen2 import qwen2
 from torchtune.modules import TransformerSelfAttentionLayer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from logprob_memory import environment  # noqa: E402  (machine/versions block shared by benchmarks)
+from _common import RESULTS, environment  # noqa: E402  (machine/versions block shared by benchmarks)
 
 from polopt.batch import RolloutBatch  # noqa: E402
 from polopt.losses import get_loss  # noqa: E402
 from polopt.policy import response_logprobs  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 GPU_MODEL = dict(vocab_size=151936, num_layers=28, num_heads=12, num_kv_heads=2, embed_dim=1536, intermediate_dim=8960,
                  max_seq_len=32768, norm_eps=1e-6, rope_base=1000000.0, tie_word_embeddings=True)  # = qwen2_5_1_5b_base
 CPU_MODEL = dict(vocab_size=32000, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=256, intermediate_dim=768,

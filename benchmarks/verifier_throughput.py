@@ -14,23 +14,18 @@ Writes benchmarks/results/verifier_throughput.{md,json}. Verification is CPU-onl
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import random
 import sys
 import time
 from importlib.metadata import version
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from _common import REPO, RESULTS, environment  # benchmarks/ is on sys.path when run as a script
 
+sys.path.insert(0, str(REPO))
 from polopt.verify import MathVerifier, _quiet_math_verify  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data" / "verifier_cases.jsonl"
-RESULTS = ROOT / "benchmarks" / "results"
+DATA = REPO.parent / "shared" / "data" / "verifier_cases.jsonl"
 
 PATHOLOGICAL = [
     "\\boxed{9^{9^{9^{9^{9}}}}}",
@@ -121,15 +116,12 @@ def main() -> None:
 
 
 def write(results: dict, args) -> None:
+    env = environment("cpu")
     meta = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([".venv/bin/python", "benchmarks/verifier_throughput.py", *sys.argv[1:]]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs visible, {len(os.sched_getaffinity(0))} usable; "
-        f"{platform.platform()}",
-        "python": platform.python_version(),
+        **env,
+        "machine": f"{env['device_name']}, {env['cpu_count']} CPUs visible, {env['cpus_usable']} usable; {env['platform']}",
         "versions": {p: version(p) for p in ("math-verify", "sympy", "latex2sympy2_extended")},
-        "gpu": "not used: verification runs on CPU only (no GPU on this machine either)",
-        "note": "CPU shared with other jobs while measured: absolute numbers are noisy, ratios less so.",
+        "gpu": "not used: verification runs on CPU only",
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "verifier_throughput.json").write_text(json.dumps({**meta, **results}, indent=2) + "\n")
@@ -137,7 +129,8 @@ def write(results: dict, args) -> None:
         "# Verifier throughput", "",
         f"- date: {meta['date']}", f"- command: `{meta['command']}`", f"- machine: {meta['machine']}",
         f"- python {meta['python']}, " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
-        f"- GPU: {meta['gpu']}", f"- {meta['note']}",
+        f"- GPU: {meta['gpu']}",
+        "- wall-clock figures of a (possibly shared) virtual machine: absolute numbers move between runs, ratios less so",
         f"- data: {results['n_completions']} completions from verifier_cases.jsonl (half MATH, half GSM8K), best of {results['repeats']}",
         "", "| method | workers | seconds | verifications/s | vs serial | label agreement | pool start-up s |",
         "|---|---:|---:|---:|---:|---:|---:|",
