@@ -1,7 +1,10 @@
 """A small-scale "Table 1": every loss on the same task, data, rollout settings and step budget.
 
-    python benchmarks/compare_losses.py                      # 6 losses x 3 seeds (the committed run)
-    python benchmarks/compare_losses.py --ablation           # NFT: epsilon x prompt_weight (Figs. 9-10)
+    python benchmarks/compare_losses.py                      # 6 losses x 3 seeds, the config's 60 steps
+    python benchmarks/compare_losses.py --seeds 0 1 2 3 4 --max-steps 40 validation.max_questions=100
+                                                             # the committed run (README table)
+    python benchmarks/compare_losses.py --ablation --max-steps 40 validation.max_questions=100
+                                                             # NFT: epsilon x prompt_weight (Figs. 9-10)
     python benchmarks/compare_losses.py --losses nft rft --seeds 0 --max-steps 10   # quick look
 
 Each run is `tune run recipes/online_rl_distributed.py --config configs/tiny_arith.yaml loss=<name>
