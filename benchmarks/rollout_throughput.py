@@ -166,11 +166,11 @@ def measure(args) -> dict:
         "transformers generate": hf_generate,
     }
     times, generated = interleaved_times(engines, args.device, args.repeats)
+    hf_seconds, hf_tokens = times["transformers generate"], generated["transformers generate"]
     results = {}
     for name, seconds in times.items():
         # tokens/s per round; each engine returns the same token count every run (fixed seeds)
-        rates = [generated[name] / t for t in seconds]
-        ratios = [own / hf for hf, own in zip([generated["transformers generate"] / t for t in times["transformers generate"]], rates)]
+        ratios = [(generated[name] / own) / (hf_tokens / hf) for own, hf in zip(seconds, hf_seconds)]
         results[name] = {
             "seconds": statistics.median(seconds),
             "min_seconds": min(seconds),

@@ -121,10 +121,9 @@ class RolloutBatch:
         for g in groups:
             if g.rewards is None or len(g.rewards) != len(g.completions):
                 raise ValueError("every PromptGroup needs one reward per completion before collate")
-        rewards = torch.tensor([g.rewards[j] for g in groups for j in range(len(g.completions))])
         # Truncated answers are wrong whatever the verifier said (the paper's setting).
+        rewards = torch.tensor([r for g in groups for r in scored_rewards(g.completions, g.rewards)], dtype=torch.float32)
         truncated = torch.tensor([c.truncated for _, c, _ in rows], dtype=torch.bool)
-        rewards = torch.where(truncated, torch.zeros_like(rewards), rewards).float()
         group_ids = torch.tensor([gid for _, _, gid in rows], dtype=torch.long)
         correct_rate = group_correct_rate(rewards, group_ids)
         return cls(

@@ -164,7 +164,7 @@ def generate_retiring(model, prompts, num_samples, params, *, fraction: float, s
     keep_prefixes = native._PrefixSharedKVCache.keep_prefixes
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(native, "RETIRE_FRACTION", fraction)
-        mp.setattr(native._PrefixSharedKVCache, "keep_prefixes", lambda self, keep: retired.append(1) or keep_prefixes(self, keep))
+        mp.setattr(native._PrefixSharedKVCache, "keep_prefixes", lambda self, keep, rows: retired.append(1) or keep_prefixes(self, keep, rows))
         groups = engine(model, shared_prefill=shared).generate(prompts, num_samples, params)
     return groups, len(retired)
 

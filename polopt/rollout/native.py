@@ -147,12 +147,13 @@ class NativeRolloutEngine:
                     noise = _exponential_noise((B, logits.shape[-1]), device, generator)
                     token, logprob = sample_tokens(logits, params, noise=noise[rows])
                     out_tokens[rows, t], out_logprobs[rows, t] = token, logprob
-                    newly = torch.isin(token, stop_ids) & ~stopped[rows]
+                    was_stopped = stopped[rows]
+                    newly = torch.isin(token, stop_ids) & ~was_stopped
                     lengths[rows[newly]] = t + 1
                     stopped[rows[newly]] = True
                     if t == T - 1:
                         break
-                    done = stopped[rows].view(-1, share).all(1)
+                    done = (was_stopped | newly).view(-1, share).all(1)
                     if bool(done.all()):
                         break
                     # Compacting the caches costs about one step's cache reads: worth it once a
@@ -160,9 +161,9 @@ class NativeRolloutEngine:
                     n_done = int(done.sum())
                     if n_done and n_done >= RETIRE_FRACTION * done.numel():
                         keep = (~done).nonzero().squeeze(1)
-                        for cache in caches:
-                            cache.keep_prefixes(keep)
                         keep_rows = (keep[:, None] * share + torch.arange(share, device=device)).flatten()
+                        for cache in caches:
+                            cache.keep_prefixes(keep, keep_rows)
                         rows, token = rows[keep_rows], token[keep_rows]
                     logits = model(
                         token[:, None], input_pos=(row_lens[rows] + t)[:, None], mask=key_mask[rows, None, : P + t + 1]
@@ -246,10 +247,8 @@ class _PrefixSharedKVCache(KVCache):
         self.v_cache = torch.zeros_like(self.k_cache)
         self.filled = 0
 
-    def keep_prefixes(self, keep: torch.Tensor) -> None:
-        """Drop every prefix not in `keep` (prefix indices, ascending) and its rows."""
-        share = self.k_cache.shape[0] // self.prefix_k.shape[0]
-        rows = (keep[:, None] * share + torch.arange(share, device=keep.device)).flatten()
+    def keep_prefixes(self, keep: torch.Tensor, rows: torch.Tensor) -> None:
+        """Keep only the prefixes `keep` (indices, ascending) and their generated-cache `rows`."""
         self.prefix_k, self.prefix_v = self.prefix_k[keep], self.prefix_v[keep]
         self.k_cache, self.v_cache = self.k_cache[rows], self.v_cache[rows]
 
