@@ -36,7 +36,7 @@ from torchtune.models.qwen2 import qwen2
 from torchtune.modules import TransformerSelfAttentionLayer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, environment  # noqa: E402  (machine/versions block shared by benchmarks)
+from _common import RESULTS, environment, synchronize  # noqa: E402  (machine/versions block shared by benchmarks)
 
 from polopt.batch import RolloutBatch  # noqa: E402
 from polopt.losses import get_loss  # noqa: E402
@@ -97,12 +97,10 @@ def measure(args, fused: bool) -> dict:
     times = []
     try:
         for _ in range(args.warmup + args.steps):
-            if gpu:
-                torch.cuda.synchronize()
+            synchronize(args.device)
             start = time.perf_counter()
             step()
-            if gpu:
-                torch.cuda.synchronize()
+            synchronize(args.device)
             times.append(time.perf_counter() - start)
     except torch.OutOfMemoryError as e:
         return {"fused": fused, "error": f"out of memory: {str(e).splitlines()[0][:160]}"}
