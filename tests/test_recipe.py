@@ -107,7 +107,7 @@ def test_killed_run_resumes_with_identical_losses(tmp_path):
            f"output_dir={killed}", *SMALL, steps, "save_final_model=false", "checkpoint_every_n_steps=2"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-    ckpt = killed / "checkpoints" / "step_2.pt"
+    ckpt = killed / "checkpoints" / "step_2"  # a folder, renamed into place once complete
     deadline = time.time() + 300
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
