@@ -91,8 +91,9 @@ class OnlineRLRecipe(FTRecipeInterface):
         self.tokenizer = config.instantiate(cfg.tokenizer)
         self.model = self._setup_model(cfg, model_state)
         self.optimizer = config.instantiate(cfg.optimizer, self.model.parameters())
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, partial(_linear_warmup, warmup_steps=cfg.lr_warmup_steps)
+        # torchtune's schedule with zero cosine cycles: linear warm-up from 0, then constant.
+        self.lr_scheduler = training.lr_schedulers.get_cosine_schedule_with_warmup(
+            self.optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_steps, num_cycles=0.0
         )
         self.verifier = config.instantiate(cfg.verifier)
         self.engine = self._setup_rollout_engine(cfg, model_state)
@@ -448,10 +449,6 @@ class OnlineRLRecipe(FTRecipeInterface):
         if self._distributed:
             dist.barrier()  # without it, an occasional rank aborts at exit (NOTES.md)
             dist.destroy_process_group()
-
-
-def _linear_warmup(step: int, warmup_steps: int) -> float:
-    return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
 
 
 def _per_rank(n: Optional[int], world_size: int) -> Optional[int]:
