@@ -167,7 +167,7 @@ def load_model_and_optimizer(path: str | Path, model: torch.nn.Module, optimizer
     state = {"model": model_state, "optimizer": optim_state}
     try:
         with _single_process_warning_silenced():
-            dcp.load(state, storage_reader=reader, planner=_PlainDataLoadPlanner())
+            dcp.load(state, storage_reader=reader, planner=_PlainDataLoadPlanner(Path(path)))
     except CheckpointException as e:
         refused = [exc for exc, _ in e.failures.values() if isinstance(exc, UnsafeCheckpointError)]
         if refused:
@@ -224,12 +224,16 @@ class _PlainDataReader(FileSystemReader):
 class _PlainDataLoadPlanner(DefaultLoadPlanner):
     """DCP's default load planner, reading non-tensor items with `torch.load(weights_only=True)`."""
 
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = path
+
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
         fqn = read_item.dest_index.fqn
         try:
             obj = torch.load(value, weights_only=True)
         except pickle.UnpicklingError as e:
-            raise _refused(Path(str(self.metadata.storage_meta.checkpoint_id)), f"its item {fqn!r}", e) from None
+            raise _refused(self.path, f"its item {fqn!r}", e) from None
         if self.flatten_state_dict:
             set_element(self.original_state_dict, self.mappings[fqn], obj)
         else:

@@ -8,7 +8,7 @@ import json
 import os
 import pickle
 import random
-import shutil
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -164,7 +164,7 @@ def test_planted_item_pickle_is_refused_and_never_run(tmp_path, trained):
     path = tmp_path / "planted"
     with pytest.warns(UserWarning, match="single process"):
         dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=path)
-    with pytest.raises(UnsafeCheckpointError, match=r"item 'optimizer\.param_groups\.0\.lr'.*system"):
+    with pytest.raises(UnsafeCheckpointError, match=re.escape(f"{path}: its item 'optimizer.param_groups.0.lr'") + ".*system"):
         load_model_and_optimizer(path, *fresh_model())
     assert not marker.exists()
     # The same object is loaded (and runs) by plain torch.load: the refusal above is what protects.
