@@ -194,3 +194,4 @@ def test_one_process_checkpoint_reshards_onto_two_fsdp_ranks(tmp_path, trained):
     diff = json.loads((tmp_path / "diff.json").read_text())
     assert diff["compared_model"] == len(model.state_dict()) and diff["compared_optimizer"] > 0
     assert diff["max_abs_diff"] == 0.0
+    assert diff["optimizer_holds_model_parameters"]

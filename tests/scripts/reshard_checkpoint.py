@@ -38,6 +38,10 @@ def main() -> None:
             m.rope_init()
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.5)
     load_model_and_optimizer(checkpoint, model, optimizer)
+    # Loading must fill the model's parameters in place: an optimiser left holding replaced
+    # parameter objects would step tensors the model no longer uses.
+    model_params = {id(p) for p in model.parameters()}
+    optimizer_holds_model_parameters = all(id(p) in model_params for g in optimizer.param_groups for p in g["params"])
 
     model_state, optim_state = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
     if dist.get_rank() == 0:
@@ -52,6 +56,7 @@ def main() -> None:
         ]
         lr = optim_state["param_groups"][0]["lr"]
         Path(out_path).write_text(json.dumps({
+            "optimizer_holds_model_parameters": optimizer_holds_model_parameters,
             "compared_model": len(diffs),
             "compared_optimizer": len(optim_diffs),
             "max_abs_diff": max(diffs + optim_diffs + [abs(lr - reference["optimizer"]["param_groups"][0]["lr"])]),
