@@ -398,7 +398,8 @@ class OnlineRLRecipe(FTRecipeInterface):
             rank_state={"prompt_stream": self.prompt_stream.state_dict(), "rng": rng_state()},
             keep_last=self.cfg.keep_last_checkpoints,
         )
-        log.info(f"checkpoint written: {path}")
+        if self._is_rank_zero:
+            log.info(f"checkpoint written: {path}")
 
     def load_checkpoint(self) -> None:
         path = latest_checkpoint(self.output_dir)
