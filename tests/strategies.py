@@ -20,6 +20,8 @@ from polopt.testing.strategies import (
     loss_configs,
     policy_batches,
     prompt_weights,
+    splits,
+    token_weights,
 )
 
 __all__ = [
@@ -36,4 +38,6 @@ __all__ = [
     "loss_configs",
     "policy_batches",
     "prompt_weights",
+    "splits",
+    "token_weights",
 ]

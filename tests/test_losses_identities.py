@@ -64,10 +64,11 @@ from strategies import (
     loss_configs,
     policy_batches,
     prompt_weights,
+    splits,
 )
 
-from polopt.losses import get_loss, global_normalizer, group_correct_rate
-from polopt.testing.references import TIGHT, analytic_gradient, dpo_loss, loss_and_grad, reference_loss
+from polopt.losses import get_loss, group_correct_rate
+from polopt.testing.references import TIGHT, analytic_gradient, dpo_loss, loss_and_grad, reference_loss, split_loss_and_grad
 
 
 @given(policy_batches(), loss_configs())
@@ -213,17 +214,6 @@ def test_nft_drives_policy_to_positive_policy_on_a_bandit(answers):
 # ---------------------------------------------------------------- identity 6
 
 
-@st.composite
-def splits(draw, batch: PolicyBatch, whole_groups: bool) -> list[torch.Tensor]:
-    """Row indices of 1–4 disjoint parts covering the batch (whole groups if asked)."""
-    units = batch.group_ids if whole_groups else torch.arange(batch.rewards.numel())
-    unique_units = units.unique()
-    parts = draw(st.integers(1, min(4, unique_units.numel())))
-    assignment = torch.tensor(draw(st.lists(st.integers(0, parts - 1), min_size=unique_units.numel(), max_size=unique_units.numel())))
-    part_of_row = assignment[torch.searchsorted(unique_units, units)]
-    return [rows for part in range(parts) if (rows := (part_of_row == part).nonzero().flatten()).numel()]
-
-
 @given(policy_batches(), loss_configs(), st.data())
 def test_split_batches_with_global_normalizer_match_whole(batch, config, data):
     """Micro-batches (or ranks), each trimmed to its own longest response and given r̂ of the whole
@@ -233,22 +223,6 @@ def test_split_batches_with_global_normalizer_match_whole(batch, config, data):
     whole_loss, whole_grad = loss_and_grad(loss_fn, batch)
 
     parts = data.draw(splits(batch, whole_groups=name == "infonca"))
-    normalizer = global_normalizer(loss_fn, batch.mask, group_ids=batch.group_ids)
-    correct_rate = group_correct_rate(batch.rewards, batch.group_ids)
-    logprobs = batch.leaf()
-    total = torch.zeros((), dtype=torch.float64)
-    for rows in parts:
-        width = max(int(batch.lengths[rows].max()), 1)
-        out = loss_fn(
-            logprobs[rows, :width],
-            batch.old_logprobs[rows, :width],
-            batch.mask[rows, :width],
-            batch.rewards[rows],
-            batch.group_ids[rows],
-            correct_rate=correct_rate[rows],
-            normalizer=normalizer,
-        )
-        out.loss.backward()
-        total = total + out.loss.detach()
+    total, grad = split_loss_and_grad(loss_fn, batch, parts)
     torch.testing.assert_close(total, whole_loss, **TIGHT)
-    torch.testing.assert_close(logprobs.grad, whole_grad, **TIGHT)
+    torch.testing.assert_close(grad, whole_grad, **TIGHT)

@@ -1,7 +1,7 @@
 """The loss contract: `PolicyLoss` (every registered loss), `TokenLevelLoss`, `LossOutput`.
 
     out = loss_fn(logprobs, old_logprobs, mask, rewards, group_ids,
-                  correct_rate=None, normalizer=None, ref_logprobs=None)
+                  correct_rate=None, normalizer=None, ref_logprobs=None, token_weights=None)
 
     logprobs      [B, T]  log π_θ(a_t | q, a_<t), with grad
     old_logprobs  [B, T]  log π_old of the sampling policy
@@ -12,6 +12,22 @@
                           given, which is right only when every group is whole in this call
     normalizer            the whole batch's denominator (see aggregation.py) for micro-batches/ranks
     ref_logprobs  [B, T]  log π_ref, needed only when kl_coef > 0
+    token_weights [B, T]  w_bt ≥ 0, constants (detached here): rollout correction, e.g. truncated
+                          importance weights min(π_old/π_engine, C) or a 0/1 mask of rejected tokens
+
+Rollout correction enters the contract once, here, not per loss: a token-level loss (`TokenLevelLoss`,
+every built-in but InfoNCA, and a user's subclass with no code of its own) aggregates w_bt · ℓ_bt
+instead of ℓ_bt,
+
+    loss = aggregate_bt(m_bt · w_bt · ℓ_bt)          (denominators unchanged: they count tokens)
+
+so a weight of 0 removes a token's contribution (value and gradient) but not its place in the
+denominator, and micro-batching with the global normalizer stays exact. The k3 KL term is not
+weighted (verl weights the policy term only). `token_weights=None` runs exactly the unweighted
+code; weights of 1 give bit for bit the same loss and gradient. A loss that writes its own `compute`
+states what the weights mean for it by setting `accepts_token_weights = True` and reading
+`inputs.token_weights` (InfoNCA: a per-answer weight, see infonca.py); one that does not declare it
+raises when given weights, rather than dropping them silently. Weights on padding are ignored.
 
 Loss math runs in fp32, or in the inputs' dtype if wider.
 """
@@ -42,9 +58,11 @@ class PolicyLoss(nn.Module):
 
     `normalizer_kind` ∈ {"tokens", "sequences", "sequences_x_horizon", "groups", "none"} names the
     denominator the loss divides by (aggregation.py); `global_normalizer` computes it for a batch.
+    `accepts_token_weights`: whether `compute` reads `inputs.token_weights` (module docstring).
     """
 
     name: ClassVar[str] = ""
+    accepts_token_weights: ClassVar[bool] = False
     normalizer_kind: str = "none"
     max_response_len: Optional[int] = None
     kl_coef: float = 0.0
@@ -60,11 +78,17 @@ class PolicyLoss(nn.Module):
         correct_rate: Optional[torch.Tensor] = None,
         normalizer: Optional[Normalizer] = None,
         ref_logprobs: Optional[torch.Tensor] = None,
+        token_weights: Optional[torch.Tensor] = None,
     ) -> LossOutput:
         if self.kl_coef > 0 and ref_logprobs is None:
             raise ValueError(f"{self.name} with kl_coef={self.kl_coef} needs ref_logprobs [B, T]")
+        if token_weights is not None and not self.accepts_token_weights:
+            raise ValueError(
+                f"loss {self.name or type(self).__qualname__} does not declare how it uses token_weights: subclass "
+                "TokenLevelLoss, or set accepts_token_weights = True and read inputs.token_weights in compute()"
+            )
         inputs = prepare_inputs(
-            logprobs, old_logprobs, mask, rewards, group_ids, correct_rate, normalizer, ref_logprobs
+            logprobs, old_logprobs, mask, rewards, group_ids, correct_rate, normalizer, ref_logprobs, token_weights
         )
         loss, metrics = self.compute(inputs, normalizer)
         metrics.update(ratio_metrics(inputs))
@@ -84,8 +108,11 @@ class TokenLevelLoss(PolicyLoss):
     """A loss that is a per-token term ℓ_bt aggregated by `loss_agg`, plus an optional k3 KL term.
 
     Subclasses implement `token_losses`; padding and the rows of groups with r̂ ∈ {0, 1} are zeroed
-    here (the latter with torch.where), so neither value nor gradient can pick up 0·inf.
+    here (the latter with torch.where), so neither value nor gradient can pick up 0·inf; the token
+    weights, when given, multiply ℓ_bt here too.
     """
+
+    accepts_token_weights = True
 
     def __init__(self, loss_agg: str, max_response_len: Optional[int] = None, kl_coef: float = 0.0) -> None:
         super().__init__()
@@ -105,7 +132,10 @@ class TokenLevelLoss(PolicyLoss):
         token_losses, metrics = self.token_losses(inputs)
         # ℓ is finite on padding too (log R = 0 there), so × 0 is an exact mask. Rows without signal
         # may hold placeholders: torch.where, not × 0, zeroes them.
-        row_sums = (token_losses * inputs.float_mask).sum(dim=-1)
+        masked_losses = token_losses * inputs.float_mask
+        if inputs.token_weights is not None:
+            masked_losses = masked_losses * inputs.token_weights
+        row_sums = masked_losses.sum(dim=-1)
         row_sums = torch.where(inputs.informative, row_sums, 0.0)
         if self.kl_coef > 0:
             kl_row_sums = (k3_kl(inputs.logprobs, inputs.ref_logprobs, inputs.mask) * inputs.float_mask).sum(dim=-1)
@@ -129,7 +159,8 @@ def ratio_metrics(inputs: LossInputs) -> dict[str, torch.Tensor]:
         log_ratio_min = torch.where(mask, log_ratio, math.inf).amin() if mask.numel() else zero
         log_ratio_max = torch.where(mask, log_ratio, -math.inf).amax() if mask.numel() else zero
         has_tokens = tokens > 0
-        return {
+        weights = {} if inputs.token_weights is None else {"token_weight_mean": inputs.token_weights.sum() / tokens.clamp(min=1)}
+        return weights | {
             "ratio_mean": ratio_sum / tokens.clamp(min=1),
             "ratio_min": torch.where(has_tokens, likelihood_ratio(log_ratio_min), zero),
             "ratio_max": torch.where(has_tokens, likelihood_ratio(log_ratio_max), zero),

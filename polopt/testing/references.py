@@ -31,6 +31,36 @@ def loss_and_grad(loss_fn: Callable, batch: PolicyBatch, **kwargs) -> tuple[torc
     return loss.detach().reshape(()), torch.zeros_like(logprobs) if grad is None else grad
 
 
+def split_loss_and_grad(
+    loss_fn: Callable, batch: PolicyBatch, parts: list[torch.Tensor], token_weights: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ of the losses of micro-batches `parts` (row indices) and the summed gradient, each part
+    trimmed to its own longest response and given r̂ of the whole groups and the whole batch's
+    normalizer: equal to the whole batch's loss and gradient for an exact loss."""
+    from polopt.losses import global_normalizer, group_correct_rate  # polopt's own helpers under test
+
+    normalizer = global_normalizer(loss_fn, batch.mask, group_ids=batch.group_ids)
+    correct_rate = group_correct_rate(batch.rewards, batch.group_ids)
+    logprobs = batch.leaf()
+    total = torch.zeros((), dtype=logprobs.dtype)
+    for rows in parts:
+        width = max(int(batch.lengths[rows].max()), 1)
+        weights = {} if token_weights is None else dict(token_weights=token_weights[rows, :width])
+        out = loss_fn(
+            logprobs[rows, :width],
+            batch.old_logprobs[rows, :width],
+            batch.mask[rows, :width],
+            batch.rewards[rows],
+            batch.group_ids[rows],
+            correct_rate=correct_rate[rows],
+            normalizer=normalizer,
+            **weights,
+        )
+        out.loss.backward()
+        total = total + out.loss.detach()
+    return total, logprobs.grad
+
+
 def reference_group_stats(batch: PolicyBatch) -> tuple[list[float], list[float]]:
     """r̂ and population std of each row's group, from Python lists."""
     members: dict[int, list[float]] = {}
@@ -72,42 +102,67 @@ def reference_token_loss(name: str, hp: dict, reward: float, rate: float, std: f
     return -min(ratio * advantage, clipped * advantage)
 
 
-def reference_loss(name: str, hp: dict, batch: PolicyBatch) -> float:
-    """The loss `name` with hyperparameters `hp` (all keys given), token by token in Python."""
+def reference_loss(
+    name: str, hp: dict, batch: PolicyBatch, token_weights: Optional[torch.Tensor] = None
+) -> float:
+    """The loss `name` with hyperparameters `hp` (all keys given), token by token in Python.
+
+    `token_weights` [B, T]: rollout-correction weights; a token-level loss sums w_bt · a_bt · ℓ_bt
+    (a_bt the aggregation weight, unchanged by w), InfoNCA weights each answer by the mean of its
+    tokens' weights as a sample of its group."""
     rate, std = reference_group_stats(batch)
     mask, rewards = batch.mask, batch.rewards.tolist()
     log_ratio = torch.where(mask, batch.logprobs - batch.old_logprobs, 0.0).tolist()
+    lengths = [int(n) for n in mask.sum(dim=1).tolist()]
+    weights_of_tokens = [[1.0] * n for n in lengths] if token_weights is None else [
+        token_weights[b, :n].tolist() for b, n in enumerate(lengths)
+    ]
     if name == "infonca":
-        return reference_infonca(hp, batch, rate, log_ratio)
+        answer_weights = [sum(w) / len(w) if w else 1.0 for w in weights_of_tokens]
+        return reference_infonca(hp, batch, rate, log_ratio, answer_weights)
     weights = aggregation_weights(mask, hp["loss_agg"]).tolist()
     total = 0.0
     for b in range(mask.shape[0]):
         if not 0 < rate[b] < 1:
             continue
-        for t in range(int(mask[b].sum())):
-            total += weights[b][t] * reference_token_loss(name, hp, rewards[b], rate[b], std[b], log_ratio[b][t])
+        for t in range(lengths[b]):
+            token_loss = reference_token_loss(name, hp, rewards[b], rate[b], std[b], log_ratio[b][t])
+            total += weights_of_tokens[b][t] * weights[b][t] * token_loss
     return total
 
 
-def reference_infonca(hp: dict, batch: PolicyBatch, rate: list[float], log_ratio: list[list[float]]) -> float:
+def reference_infonca(
+    hp: dict,
+    batch: PolicyBatch,
+    rate: list[float],
+    log_ratio: list[list[float]],
+    answer_weights: Optional[list[float]] = None,
+) -> float:
+    """Σ_q L_q / G with L_q = −Σ_k (w_k r_k / Σ_i w_i r_i)(β h_k − log Σ_i w_i e^{β h_i} + sft·mean_t log R)."""
+    w = answer_weights or [1.0] * batch.mask.shape[0]
     groups: dict[int, list[int]] = {}
     for b, gid in enumerate(batch.group_ids.tolist()):
         groups.setdefault(gid, []).append(b)
     total = 0.0
     for rows in groups.values():
-        if not 0 < rate[rows[0]] < 1:
+        positives = [b for b in rows if batch.rewards[b] == 1]
+        positive_mass = sum(w[b] for b in positives)
+        if not 0 < rate[rows[0]] < 1 or positive_mass == 0:
             continue
         h = {b: sum(log_ratio[b]) for b in rows}
-        log_norm = math.log(sum(math.exp(hp["beta"] * h[b]) for b in rows))
-        positives = [b for b in rows if batch.rewards[b] == 1]
+        top = max(hp["beta"] * h[b] for b in rows if w[b] > 0)
+        log_norm = top + math.log(sum(w[b] * math.exp(hp["beta"] * h[b] - top) for b in rows if w[b] > 0))
         for b in positives:
             token_mean = h[b] / max(int(batch.mask[b].sum()), 1)
-            total += -(hp["beta"] * h[b] - log_norm + hp["sft_coef"] * token_mean) / len(positives)
+            total += -w[b] * (hp["beta"] * h[b] - log_norm + hp["sft_coef"] * token_mean) / positive_mass
     return total / len(groups)
 
 
-def analytic_gradient(name: str, hp: dict, batch: PolicyBatch) -> torch.Tensor:
-    """∂loss/∂log π_θ from Eq. 11 (GRPO family), Eq. 12 (NFT) and RFT's −r, times the aggregation weight."""
+def analytic_gradient(
+    name: str, hp: dict, batch: PolicyBatch, token_weights: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """∂loss/∂log π_θ from Eq. 11 (GRPO family), Eq. 12 (NFT) and RFT's −r, times the aggregation
+    weight (and the token weight w_bt, if given)."""
     rate, std = (torch.tensor(v, dtype=torch.float64)[:, None] for v in reference_group_stats(batch))
     reward = batch.rewards[:, None]
     ratio = torch.exp(torch.where(batch.mask, batch.logprobs - batch.old_logprobs, 0.0))
@@ -124,6 +179,8 @@ def analytic_gradient(name: str, hp: dict, batch: PolicyBatch) -> torch.Tensor:
         inside = ((advantage > 0) & (ratio < 1 + hp["clip_high"])) | ((advantage < 0) & (ratio > 1 - hp["clip_low"]))
         per_token = torch.where(inside, -advantage * ratio, 0.0)
     per_token = torch.where((rate > 0) & (rate < 1), per_token, 0.0)
+    if token_weights is not None:
+        per_token = per_token * torch.where(batch.mask, token_weights, 0.0)
     return per_token * aggregation_weights(batch.mask, hp["loss_agg"], hp.get("max_response_len"))
 
 

@@ -10,6 +10,7 @@ torch.Generator, so examples stay cheap and shrink to small structures.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -136,6 +137,32 @@ def loss_configs(draw, names: tuple[str, ...] = ("nft", "rft", "grpo", "dr_grpo"
     else:
         hparams = dict(beta=draw(st.floats(0.01, 2.0)), sft_coef=draw(st.floats(0.0, 1.0)))
     return name, hparams
+
+
+@st.composite
+def token_weights(draw, batch: PolicyBatch, padding_value: float = math.nan) -> torch.Tensor:
+    """Rollout-correction weights [B, T] for `batch`: each token 0, 1 or uniform in [0, 3] (the mix
+    drawn per example, so some examples are all ones or all zeros), `padding_value` on padding."""
+    kinds = draw(st.lists(st.sampled_from(["zero", "one", "uniform"]), min_size=1, max_size=3, unique=True))
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    shape = batch.logprobs.shape
+    choice = torch.randint(len(kinds), shape, generator=generator)
+    values = {"zero": torch.zeros(shape), "one": torch.ones(shape), "uniform": 3 * torch.rand(shape, generator=generator)}
+    weights = torch.zeros(shape, dtype=torch.float64)
+    for position, kind in enumerate(kinds):
+        weights = torch.where(choice == position, values[kind].double(), weights)
+    return torch.where(batch.mask, weights, padding_value).to(batch.logprobs.dtype)
+
+
+@st.composite
+def splits(draw, batch: PolicyBatch, whole_groups: bool) -> list[torch.Tensor]:
+    """Row indices of 1–4 disjoint parts covering the batch (whole groups if asked)."""
+    units = batch.group_ids if whole_groups else torch.arange(batch.rewards.numel())
+    unique_units = units.unique()
+    parts = draw(st.integers(1, min(4, unique_units.numel())))
+    assignment = torch.tensor(draw(st.lists(st.integers(0, parts - 1), min_size=unique_units.numel(), max_size=unique_units.numel())))
+    part_of_row = assignment[torch.searchsorted(unique_units, units)]
+    return [rows for part in range(parts) if (rows := (part_of_row == part).nonzero().flatten()).numel()]
 
 
 @st.composite
