@@ -36,15 +36,21 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar, Optional
 
 import torch
 from torch import nn
 
-from polopt.losses.aggregation import LOSS_AGG_MODES, Normalizer, aggregate, check_loss_agg
+from polopt.losses.aggregation import (
+    LOSS_AGG_MODES,
+    Normalizer,
+    aggregate,
+    check_constant_normalizer,
+    check_loss_agg,
+)
 from polopt.losses.inputs import LossInputs, check_max_response_len, check_number, prepare_inputs
-from polopt.losses.ratios import k3_kl, likelihood_ratio
+from polopt.losses.ratios import check_ratio_level, k3_kl, likelihood_ratio, policy_log_ratio
 
 
 @dataclass
@@ -65,6 +71,7 @@ class PolicyLoss(nn.Module):
     accepts_token_weights: ClassVar[bool] = False
     normalizer_kind: str = "none"
     max_response_len: Optional[int] = None
+    constant_normalizer: Optional[float] = None
     kl_coef: float = 0.0
 
     def forward(
@@ -100,12 +107,35 @@ class PolicyLoss(nn.Module):
         raise NotImplementedError
 
     def extra_repr(self) -> str:
-        names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
-        return ", ".join(f"{name}={getattr(self, name)!r}" for name in names if hasattr(self, name))
+        return ", ".join(f"{name}={getattr(self, name)!r}" for name in hparam_names(type(self)) if hasattr(self, name))
+
+
+def hparam_names(cls: type[PolicyLoss]) -> list[str]:
+    """The loss's hyperparameters: its constructor's arguments, and through a `**options` those of
+    the base it passes them to (the token-level options live once, in TokenLevelLoss)."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        parameters = inspect.signature(klass.__init__).parameters.values()
+        names += [p.name for p in parameters if p.name != "self" and p.kind is not p.VAR_KEYWORD and p.name not in names]
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            break
+    return names
 
 
 class TokenLevelLoss(PolicyLoss):
     """A loss that is a per-token term ℓ_bt aggregated by `loss_agg`, plus an optional k3 KL term.
+
+    Options shared by every token-level loss, which each loss takes as `**options` (defaults: the
+    plain per-token loss of the papers):
+        max_response_len     L of `seq-mean-token-sum-norm` (default: the mask's width)
+        kl_coef              weight of a k3 KL term to `ref_logprobs=` (default 0: none)
+        ratio_level          "token" | "sequence_sum" | "sequence_mean": the log-ratio ℓ_bt is
+                             computed from (ratios.py; default "token")
+        max_log_ratio        c: log R ← min(log R, c), a plain clamp (default None: none)
+        constant_normalizer  C with loss_agg="token-sum": loss = Σ_bt m ℓ / C, a denominator fixed
+                             for the run (aggregation.py; default None)
 
     Subclasses implement `token_losses`; padding and the rows of groups with r̂ ∈ {0, 1} are zeroed
     here (the latter with torch.where), so neither value nor gradient can pick up 0·inf; the token
@@ -114,21 +144,39 @@ class TokenLevelLoss(PolicyLoss):
 
     accepts_token_weights = True
 
-    def __init__(self, loss_agg: str, max_response_len: Optional[int] = None, kl_coef: float = 0.0) -> None:
+    def __init__(
+        self,
+        loss_agg: str,
+        max_response_len: Optional[int] = None,
+        kl_coef: float = 0.0,
+        ratio_level: str = "token",
+        max_log_ratio: Optional[float] = None,
+        constant_normalizer: Optional[float] = None,
+    ) -> None:
         super().__init__()
         self.loss_agg = check_loss_agg(loss_agg)
         self.max_response_len = check_max_response_len(max_response_len)
         self.kl_coef = check_number("kl_coef", kl_coef, low=0.0, low_open=False)
+        self.ratio_level = check_ratio_level(ratio_level)
+        self.max_log_ratio = None if max_log_ratio is None else check_number("max_log_ratio", max_log_ratio, low=0.0)
+        self.constant_normalizer = check_constant_normalizer(constant_normalizer, self.loss_agg)
 
     @property
     def normalizer_kind(self) -> str:  # type: ignore[override]
         return LOSS_AGG_MODES[self.loss_agg]
 
     def token_losses(self, inputs: LossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """ℓ [B, T] (finite everywhere; masked by the caller) and loss-specific metrics."""
+        """ℓ [B, T] (finite everywhere; masked by the caller) and loss-specific metrics.
+
+        `inputs.log_ratio` is already at the loss's `ratio_level` and clamped at `max_log_ratio`."""
         raise NotImplementedError
 
     def compute(self, inputs, normalizer):
+        if self.ratio_level != "token" or self.max_log_ratio is not None:
+            level_log_ratio = policy_log_ratio(
+                inputs.log_ratio, inputs.mask, inputs.lengths, self.ratio_level, self.max_log_ratio
+            )
+            inputs = replace(inputs, log_ratio=level_log_ratio)
         token_losses, metrics = self.token_losses(inputs)
         # ℓ is finite on padding too (log R = 0 there), so × 0 is an exact mask. Rows without signal
         # may hold placeholders: torch.where, not × 0, zeroes them.
@@ -142,6 +190,8 @@ class TokenLevelLoss(PolicyLoss):
             row_sums = row_sums + self.kl_coef * kl_row_sums
             metrics["kl"] = kl_row_sums.detach().sum() / inputs.lengths.sum().clamp(min=1)
         width = inputs.mask.shape[1]
+        if normalizer is None:
+            normalizer = self.constant_normalizer
         loss = aggregate(
             row_sums, inputs.lengths, width, self.loss_agg, normalizer=normalizer, max_response_len=self.max_response_len
         )
