@@ -21,6 +21,7 @@ from polopt.testing.strategies import (
     policy_batches,
     prompt_weights,
     splits,
+    token_level_options,
     token_weights,
 )
 
@@ -39,5 +40,6 @@ __all__ = [
     "policy_batches",
     "prompt_weights",
     "splits",
+    "token_level_options",
     "token_weights",
 ]

@@ -82,9 +82,11 @@ def test_weighted_loss_equals_the_reference(batch, config, data):
 
 @given(policy_batches(), loss_configs(names=TOKEN_LEVEL), st.data())
 def test_a_zero_weight_removes_a_tokens_contribution(batch, config, data):
-    """Zero-weighted tokens get exactly zero gradient, and moving their log-probs changes nothing."""
+    """Zero-weighted tokens get exactly zero gradient, and moving their log-probs changes nothing.
+    (At a sequence ratio level a token's log-prob also enters its answer's ratio, which the other
+    tokens' terms use: there the weight removes the token's own term only, as the reference says.)"""
     name, hparams = config
-    loss_fn = get_loss(name, **hparams)
+    loss_fn = get_loss(name, **dict(hparams, ratio_level="token"))
     weights = data.draw(token_weights(batch))
     out, grad = call(loss_fn, batch, token_weights=weights)
     removed = batch.mask & (weights == 0)

@@ -16,12 +16,13 @@ to exactly the whole-batch loss and gradient. The denominators ("normalizer kind
     sequences             B                (seq-mean-token-mean, seq-mean-token-sum)
     sequences_x_horizon   B · L            (seq-mean-token-sum-norm)
     groups                number of groups (InfoNCA: mean over groups)
-    none                  1, or C          (token-sum; C = the loss's `constant_normalizer`)
+    none                  1                (token-sum), or a token-level loss's constant C
 
-`token-sum` with a `constant_normalizer` C is Σ_bt m ℓ / C, a denominator fixed for the run rather
-than counted from the batch (the NFT authors' code divides by C = 1000). Being a constant, it is
-the same on every micro-batch and rank: micro-batch losses add up to the whole batch's without any
-global count.
+A token-level loss's `constant_normalizer` C replaces the counted denominator by a constant of the
+run: loss = (numerator of `loss_agg`) / C, i.e. Σ_bt m ℓ / C, or Σ_b (Σ_t m ℓ / n_b) / C with
+seq-mean-token-mean (the NFT authors' code divides Σ_bt m ℓ by C = 1000). Its kind is "none": the
+same on every micro-batch and rank, never summed, so micro-batch losses add up to the whole
+batch's without any global count.
 
 Empty rows (n_b = 0) count as sequences and contribute 0. A denominator of 0 (no tokens at all) is
 replaced by 1: the numerator is then 0 and so is the loss.
@@ -52,15 +53,10 @@ def check_loss_agg(loss_agg: str) -> str:
     return loss_agg
 
 
-def check_constant_normalizer(value, loss_agg: str) -> Optional[float]:
-    """None, or a number > 0 for loss_agg="token-sum" (the other modes count their denominator)."""
+def check_constant_normalizer(value) -> Optional[float]:
+    """None, or a finite number > 0."""
     if value is None:
         return None
-    if loss_agg != "token-sum":
-        raise ValueError(
-            f"constant_normalizer needs loss_agg='token-sum' (the other modes divide by a count of the batch), "
-            f"got loss_agg={loss_agg!r}"
-        )
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -150,7 +146,8 @@ def global_normalizer(
         seq-mean-token-mean/-sum  → B                   (kind "sequences")
         seq-mean-token-sum-norm   → B · L               (kind "sequences_x_horizon"; L below)
         infonca                   → number of groups    (kind "groups"; needs group_ids)
-        token-sum                 → 1, or the loss's constant_normalizer C   (kind "none")
+        token-sum                 → 1                   (kind "none")
+        constant_normalizer=C     → C                   (kind "none", whatever loss_agg)
 
     L is `max_response_len` if given here, else the loss's own `max_response_len`, else mask.shape[1]
     of this (whole) batch — micro-batches trimmed to shorter widths still divide by the same L.

@@ -22,7 +22,9 @@ instead of ℓ_bt,
     loss = aggregate_bt(m_bt · w_bt · ℓ_bt)          (denominators unchanged: they count tokens)
 
 so a weight of 0 removes a token's contribution (value and gradient) but not its place in the
-denominator, and micro-batching with the global normalizer stays exact. The k3 KL term is not
+denominator, and micro-batching with the global normalizer stays exact. (At a sequence
+`ratio_level` a token's log-prob also enters its answer's ratio, which the answer's other tokens
+use; the weight removes the token's own term.) The k3 KL term is not
 weighted (verl weights the policy term only). `token_weights=None` runs exactly the unweighted
 code; weights of 1 give bit for bit the same loss and gradient. A loss that writes its own `compute`
 states what the weights mean for it by setting `accepts_token_weights = True` and reading
@@ -134,8 +136,9 @@ class TokenLevelLoss(PolicyLoss):
         ratio_level          "token" | "sequence_sum" | "sequence_mean": the log-ratio ℓ_bt is
                              computed from (ratios.py; default "token")
         max_log_ratio        c: log R ← min(log R, c), a plain clamp (default None: none)
-        constant_normalizer  C with loss_agg="token-sum": loss = Σ_bt m ℓ / C, a denominator fixed
-                             for the run (aggregation.py; default None)
+        constant_normalizer  C: loss = (numerator of loss_agg) / C, e.g. Σ_bt m ℓ / C with
+                             token-sum, a denominator fixed for the run (aggregation.py; default
+                             None: the counted one)
 
     Subclasses implement `token_losses`; padding and the rows of groups with r̂ ∈ {0, 1} are zeroed
     here (the latter with torch.where), so neither value nor gradient can pick up 0·inf; the token
@@ -159,11 +162,11 @@ class TokenLevelLoss(PolicyLoss):
         self.kl_coef = check_number("kl_coef", kl_coef, low=0.0, low_open=False)
         self.ratio_level = check_ratio_level(ratio_level)
         self.max_log_ratio = None if max_log_ratio is None else check_number("max_log_ratio", max_log_ratio, low=0.0)
-        self.constant_normalizer = check_constant_normalizer(constant_normalizer, self.loss_agg)
+        self.constant_normalizer = check_constant_normalizer(constant_normalizer)
 
     @property
     def normalizer_kind(self) -> str:  # type: ignore[override]
-        return LOSS_AGG_MODES[self.loss_agg]
+        return "none" if self.constant_normalizer is not None else LOSS_AGG_MODES[self.loss_agg]
 
     def token_losses(self, inputs: LossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """ℓ [B, T] (finite everywhere; masked by the caller) and loss-specific metrics.

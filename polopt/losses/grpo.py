@@ -10,7 +10,7 @@ outside it (Eq. 11). Default aggregation: mean over each sequence's tokens, then
 
 Options shared with NFT (ratios.py, aggregation.py): `ratio_level` ("sequence_mean" with
 `seq-mean-token-mean` is GSPO, Zheng et al. 2025: s = exp(mean_t log R_t), clipped per answer),
-`max_log_ratio` (plain clamp of log R above), `constant_normalizer` (with `token-sum`); and
+`max_log_ratio` (plain clamp of log R above), `constant_normalizer` (a fixed denominator); and
 `max_response_len`, `kl_coef` (base.py).
 """
 

@@ -20,7 +20,7 @@ brackets — docs/losses.md lists every difference):
     max_log_ratio        c: log R ← min(log R, c), a plain clamp (zero gradient above c)     [10]
     correct_rate_clip    [lo, hi]: r̂ ← clamp(r̂, lo, hi) in the negative ratio and in ω(q); which
                          groups carry signal is still decided by the unclipped r̂   [[0.02, 0.98]]
-    constant_normalizer  C with loss_agg="token-sum": loss = Σ_bt m ℓ / C            [1000]
+    constant_normalizer  C: loss = Σ_bt m ℓ / C (with a Σ_bt loss_agg, e.g. token-sum)   [1000]
 and `max_response_len`, `kl_coef` (base.py).
 """
 

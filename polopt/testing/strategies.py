@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from polopt.losses.aggregation import LOSS_AGG_MODES
 from polopt.losses.group_stats import PROMPT_WEIGHTS
+from polopt.losses.ratios import RATIO_LEVELS
 
 TOKEN_LEVEL_LOSSES = ["nft", "rft", "grpo", "dr_grpo", "dapo"]
 
@@ -120,8 +121,28 @@ prompt_weights = st.sampled_from(list(PROMPT_WEIGHTS))
 
 
 @st.composite
-def loss_configs(draw, names: tuple[str, ...] = ("nft", "rft", "grpo", "dr_grpo", "dapo", "infonca")):
-    """(name, hyperparameters) of any registered loss, over the valid ranges of its knobs."""
+def token_level_options(draw, name: str) -> dict:
+    """The token-level losses' options (ratio level, clamp of log R, constant normaliser; NFT: clip
+    of r̂), each drawn or left at its default, with ranges where the clamps do act on our batches."""
+    options = dict(
+        ratio_level=draw(st.sampled_from(RATIO_LEVELS)),
+        max_log_ratio=draw(st.none() | st.floats(0.05, 3.0)),
+        constant_normalizer=draw(st.none() | st.floats(0.5, 1000.0)),
+    )
+    if name == "nft":
+        clip = draw(st.none() | st.tuples(st.floats(0.0, 0.45), st.floats(0.55, 1.0)))
+        options["correct_rate_clip"] = None if clip is None else list(clip)
+    return options
+
+
+@st.composite
+def loss_configs(
+    draw,
+    names: tuple[str, ...] = ("nft", "rft", "grpo", "dr_grpo", "dapo", "infonca"),
+    options: Optional[bool] = None,
+):
+    """(name, hyperparameters) of any registered loss, over the valid ranges of its knobs; the
+    token-level options are drawn half of the time (`options`: always or never)."""
     name = draw(st.sampled_from(names))
     if name == "nft":
         hparams = dict(
@@ -136,6 +157,8 @@ def loss_configs(draw, names: tuple[str, ...] = ("nft", "rft", "grpo", "dr_grpo"
         hparams = dict(clip_low=draw(clip_ranges), clip_high=draw(clip_ranges), loss_agg=draw(loss_aggs))
     else:
         hparams = dict(beta=draw(st.floats(0.01, 2.0)), sft_coef=draw(st.floats(0.0, 1.0)))
+    if name in TOKEN_LEVEL_LOSSES and (draw(st.booleans()) if options is None else options):
+        hparams.update(draw(token_level_options(name)))
     return name, hparams
 
 
