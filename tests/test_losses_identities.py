@@ -1,7 +1,8 @@
 """Property tests: the identities of DESIGN.md that pin the six losses down (float64, autograd).
 
 1. On-policy, ε ≤ 1: ∇NFT(ω=grpo) = ∇GRPO (= ∇DAPO), ∇NFT(ω=dr_grpo) = ∇Dr.GRPO under the same
-   aggregation (Prop. 4.2, Remark A.3); for ε > 1 the negative tokens' gradient shrinks by 1/ε.
+   aggregation (Prop. 4.2, Remark A.3), at every ratio level; for ε > 1 the negative tokens'
+   gradient shrinks by 1/ε.
 2. NFT with neg_weight=0 and ω=constant is RFT; NFT is 0 at π_θ = π_old.
 3. InfoNCA with K=2, one right and one wrong answer, is DPO with π_ref = π_old.
 4. Off-policy gradients equal Eq. 11 (GRPO family: −A·R inside the clip region, 0 outside) and
@@ -68,6 +69,7 @@ from strategies import (
 )
 
 from polopt.losses import get_loss, group_correct_rate
+from polopt.losses.ratios import RATIO_LEVELS
 from polopt.testing.references import TIGHT, analytic_gradient, dpo_loss, loss_and_grad, reference_loss, split_loss_and_grad
 
 
@@ -82,13 +84,21 @@ def test_loss_values_match_the_equations(batch, config):
 # ---------------------------------------------------------------- identity 1 (Prop. 4.2, Remark A.3)
 
 
-@given(policy_batches(), loss_aggs, epsilons_at_most_one, clip_ranges, clip_ranges)
-def test_grpo_family_gradient_equals_nft_on_policy(batch, loss_agg, epsilon, clip_low, clip_high):
-    """Prop. 4.2: at R_t = 1 and ε ≤ 1, ∇NFT(ω=grpo) = ∇GRPO = ∇DAPO and ∇NFT(ω=dr_grpo) = ∇Dr.GRPO."""
+@given(policy_batches(), loss_aggs, st.sampled_from(RATIO_LEVELS), epsilons_at_most_one, clip_ranges, clip_ranges, st.data())
+def test_grpo_family_gradient_equals_nft_on_policy(batch, loss_agg, level, epsilon, clip_low, clip_high, data):
+    """Prop. 4.2: at R = 1 and ε ≤ 1, ∇NFT(ω=grpo) = ∇GRPO = ∇DAPO and ∇NFT(ω=dr_grpo) = ∇Dr.GRPO,
+    at every ratio level (on-policy each answer's ratio is 1 whatever the level, so both give each
+    answer the same coefficient), with or without a clamp of log R above 0 and a constant normaliser."""
     batch = batch.on_policy()
-    clip = dict(clip_low=clip_low, clip_high=clip_high, loss_agg=loss_agg)
-    _, nft_grpo = loss_and_grad(get_loss("nft", epsilon=epsilon, prompt_weight="grpo", loss_agg=loss_agg), batch)
-    _, nft_dr = loss_and_grad(get_loss("nft", epsilon=epsilon, prompt_weight="dr_grpo", loss_agg=loss_agg), batch)
+    shared = dict(
+        loss_agg=loss_agg,
+        ratio_level=level,
+        max_log_ratio=data.draw(st.none() | st.floats(0.01, 10.0)),
+        constant_normalizer=data.draw(st.none() | st.floats(0.5, 1000.0)),
+    )
+    clip = dict(clip_low=clip_low, clip_high=clip_high, **shared)
+    _, nft_grpo = loss_and_grad(get_loss("nft", epsilon=epsilon, prompt_weight="grpo", **shared), batch)
+    _, nft_dr = loss_and_grad(get_loss("nft", epsilon=epsilon, prompt_weight="dr_grpo", **shared), batch)
     _, grpo = loss_and_grad(get_loss("grpo", **clip), batch)
     _, dapo = loss_and_grad(get_loss("dapo", **clip), batch)
     _, dr_grpo = loss_and_grad(get_loss("dr_grpo", **clip), batch)
