@@ -1,4 +1,4 @@
-"""Property tests: the identities of DESIGN.md that pin the six losses down (float64, autograd).
+"""Property tests: the identities of docs/design.md that pin the six losses down (float64, autograd).
 
 1. On-policy, ε ≤ 1: ∇NFT(ω=grpo) = ∇GRPO (= ∇DAPO), ∇NFT(ω=dr_grpo) = ∇Dr.GRPO under the same
    aggregation (Prop. 4.2, Remark A.3), at every ratio level; for ε > 1 the negative tokens'
