@@ -13,6 +13,7 @@ from polopt.losses.aggregation import LOSS_AGG_MODES, NORMALIZER_KINDS, global_n
 from polopt.losses.base import LossOutput, PolicyLoss, TokenLevelLoss
 from polopt.losses.group_stats import group_correct_rate
 from polopt.losses.inputs import LossInputs
+from polopt.losses.ratios import RATIO_LEVELS
 from polopt.losses.registry import get_loss, list_losses, register_loss
 
 # Importing the loss modules registers them.
@@ -26,6 +27,7 @@ from polopt.losses.infonca import InfoNCALoss
 __all__ = [
     "LOSS_AGG_MODES",
     "NORMALIZER_KINDS",
+    "RATIO_LEVELS",
     "LossInputs",
     "LossOutput",
     "DAPOLoss",

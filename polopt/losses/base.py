@@ -22,14 +22,14 @@ instead of ℓ_bt,
     loss = aggregate_bt(m_bt · w_bt · ℓ_bt)          (denominators unchanged: they count tokens)
 
 so a weight of 0 removes a token's contribution (value and gradient) but not its place in the
-denominator, and micro-batching with the global normalizer stays exact. (At a sequence
+denominator, and micro-batching with the global normalizer stays exact. At a sequence
 `ratio_level` a token's log-prob also enters its answer's ratio, which the answer's other tokens
-use; the weight removes the token's own term.) The k3 KL term is not
-weighted (verl weights the policy term only). `token_weights=None` runs exactly the unweighted
-code; weights of 1 give bit for bit the same loss and gradient. A loss that writes its own `compute`
-states what the weights mean for it by setting `accepts_token_weights = True` and reading
-`inputs.token_weights` (InfoNCA: a per-answer weight, see infonca.py); one that does not declare it
-raises when given weights, rather than dropping them silently. Weights on padding are ignored.
+use; the weight removes the token's own term. The k3 KL term is not weighted (verl weights the
+policy term only). `token_weights=None` runs exactly the unweighted code; weights of 1 give bit
+for bit the same loss and gradient. A loss that writes its own `compute` states what the weights
+mean for it by setting `accepts_token_weights = True` and reading `inputs.token_weights`
+(InfoNCA: a per-answer weight, see infonca.py); one that does not declare it raises when given
+weights, rather than dropping them silently. Weights on padding are ignored.
 
 Loss math runs in fp32, or in the inputs' dtype if wider.
 """
