@@ -8,6 +8,9 @@ Value-and-gradient agreement with the written-out equations under every option, 
 micro-batching, padding, groups without signal and finite extremes are checked by the shared tests
 (test_losses_identities.py, test_losses_numerics.py, test_losses_token_weights.py), whose
 `loss_configs` draw these options half of the time.
+
+Mutations tried by hand (each alone): the clamp applied to token log-ratios before the sequence sum,
+and ω computed from the unclipped r̂ — both caught by test_nft_with_the_authors_options_equals_their_conventions.
 """
 
 from __future__ import annotations
