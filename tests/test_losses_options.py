@@ -15,6 +15,8 @@ and ω computed from the unclipped r̂ — both caught by test_nft_with_the_auth
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import assume, given
@@ -65,6 +67,7 @@ def test_the_authors_clamps_are_inactive_inside_their_range(batch, name, level):
     assert torch.equal(loss, plain_loss) and torch.equal(grad, plain_grad)
 
 
+REPO = Path(__file__).resolve().parent.parent
 AUTHORS_OPTIONS = dict(epsilon=1.0, prompt_weight="dr_grpo", max_log_ratio=10.0, correct_rate_clip=[0.02, 0.98], constant_normalizer=1000)
 
 
@@ -86,6 +89,28 @@ def test_nft_with_the_authors_options_equals_their_conventions(batch, sequence):
     (expected_grad,) = torch.autograd.grad(expected, logprobs, allow_unused=True)
     torch.testing.assert_close(loss, expected.detach(), **TIGHT)
     torch.testing.assert_close(grad, torch.zeros_like(grad) if expected_grad is None else expected_grad, **TIGHT)
+
+
+@given(policy_batches(max_log_ratio_scale=8.0))
+def test_the_authors_preset_is_their_loss(batch):
+    """configs/qwen2_5_math_7b_authors.yaml's nft section is the reference with C = 1000 × 64 ranks."""
+    from omegaconf import OmegaConf
+
+    preset = OmegaConf.load(REPO / "configs" / "qwen2_5_math_7b_authors.yaml")
+    loss_fn = get_loss("nft", **OmegaConf.to_container(preset.loss_args.nft))
+    loss, grad = loss_and_grad(loss_fn, batch)
+    logprobs = batch.leaf()
+    expected = authors_nft_loss(logprobs, batch, normalizer=1000.0 * 64)
+    (expected_grad,) = torch.autograd.grad(expected, logprobs, allow_unused=True)
+    torch.testing.assert_close(loss, expected.detach(), **TIGHT)
+    torch.testing.assert_close(grad, torch.zeros_like(grad) if expected_grad is None else expected_grad, **TIGHT)
+
+
+def test_options_default_to_the_papers_losses():
+    for name in TOKEN_LEVEL_LOSSES:
+        loss_fn = get_loss(name)
+        assert (loss_fn.ratio_level, loss_fn.max_log_ratio, loss_fn.constant_normalizer) == ("token", None, None), name
+    assert get_loss("nft").correct_rate_clip is None
 
 
 def test_max_log_ratio_is_a_plain_clamp():
