@@ -6,10 +6,15 @@
     python benchmarks/compare_losses.py --ablation --max-steps 40 validation.max_questions=100
                                                              # NFT: epsilon x prompt_weight (Figs. 9-10)
     python benchmarks/compare_losses.py --losses nft rft --seeds 0 --max-steps 10   # quick look
+    python benchmarks/compare_losses.py --num-minibatches 4 8 --seeds 0 1 2 3 4    # off-policy regime:
+                                                             # 4 and 8 optimiser steps per rollout
 
 Each run is `tune run recipes/online_rl_distributed.py --config configs/tiny_arith.yaml loss=<name>
 seed=<s> ...` in its own process with identical overrides apart from the loss (each loss keeps the
-defaults of its own paper, nothing is tuned per loss). Reads each run's history.json and writes
+defaults of its own paper, nothing is tuned per loss). `--num-minibatches N ...` runs every variant
+once per N with `num_minibatches=N`: the rollout is split into N mini-batches of whole groups, one
+optimiser step each at the config's learning rate, so all but the first step of a rollout are
+off-policy (the paper's regime is 16). Reads each run's history.json and writes
 
     benchmarks/results/<name>.md    mean ± std over seeds of final held-out accuracy and of the
                                     area under the validation curve; machine, versions, command
@@ -122,12 +127,23 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--max-steps", type=int, default=None, help="override the config's max_steps")
     parser.add_argument("--ablation", action="store_true", help="NFT epsilon x prompt_weight instead of losses")
-    parser.add_argument("--name", default=None, help="results file stem (default compare_losses / nft_ablation)")
+    parser.add_argument(
+        "--num-minibatches", nargs="+", type=int, default=None,
+        help="run each variant with each of these num_minibatches (optimiser steps per rollout)",
+    )
+    parser.add_argument(
+        "--name", default=None,
+        help="results file stem (default compare_losses / nft_ablation, + _minibatches with --num-minibatches)",
+    )
     parser.add_argument("--runs-dir", default="outputs/compare_losses")
     parser.add_argument("extra", nargs="*", help="extra key=value overrides passed to every run")
     args = parser.parse_args()
 
+    if args.num_minibatches and min(args.num_minibatches) < 1:
+        parser.error(f"--num-minibatches must be integers >= 1, got {args.num_minibatches}")
     name = args.name or ("nft_ablation" if args.ablation else "compare_losses")
+    if args.name is None and args.num_minibatches:
+        name += "_minibatches"  # never overwrite the on-policy results under the plain name
     runs_dir = REPO / args.runs_dir / name
     log_dir = runs_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -140,6 +156,12 @@ def main() -> None:
         }
     else:
         variants = {loss: [f"loss={loss}"] for loss in args.losses}
+    if args.num_minibatches:
+        variants = {
+            f"{label} mb={n}": [*overrides, f"num_minibatches={n}"]
+            for label, overrides in variants.items()
+            for n in args.num_minibatches
+        }
 
     results: dict[str, list[dict]] = {}
     total = len(variants) * len(args.seeds)

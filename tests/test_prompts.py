@@ -18,7 +18,7 @@ QWEN2_PATTERN = (
 
 
 def _train_tiny_bpe(directory: Path) -> tuple[Path, Path, Path]:
-    """A byte-level BPE trained with Qwen2's pre-tokenizer (see NOTES.md) + a special-tokens file."""
+    """A byte-level BPE trained with Qwen2's pre-tokenizer (see docs/design.md, toolchain facts) + a special-tokens file."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())

@@ -93,7 +93,7 @@ def main() -> None:
             results[(variant, fused)] = {"logprobs": all_logprobs, "entropy": all_entropy, "grads": grads}
     if rank == 0:
         torch.save(results, out_path)
-    dist.barrier()  # without it gloo teardown aborts now and then (NOTES.md)
+    dist.barrier()  # without it gloo teardown aborts now and then (docs/design.md, toolchain facts)
     dist.destroy_process_group()
 
 
