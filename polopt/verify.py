@@ -50,49 +50,104 @@ log = logging.getLogger(__name__)
 
 ANSWER_FORMATS = ("boxed", "answer_line")
 
-# Text that looks like Python, not math: never handed to sympy (whose parse_expr evaluates).
-_CODE_LIKE = re.compile(r"__|\bimport\b|\blambda\b|\beval\b|\bexec\b|\bos\.|\bsys\.")
-_BOX_OPENERS = ("\\boxed", "\\fbox")
-_ANSWER_LINE = re.compile(r"^\s*\**\s*Answer\s*\**\s*:\s*(.+?)\s*$", re.MULTILINE | re.IGNORECASE)
+# Python, not mathematics: never handed to the parser (sympy's parse_expr evaluates Python). Each
+# pattern is a code construct that LaTeX and prose do not produce: `\lambda`, and the words "lambda",
+# "import" or "eval" in a sentence, pass; `lambda x: ...`, `import os`, `eval(`, `__class__`, `os.system` do not.
+_CODE_LIKE = re.compile(
+    r"__[A-Za-z]\w*__"  # dunder names: __import__, __class__, __globals__, __builtins__
+    r"|(?<![\\\w])(?:eval|exec|compile|getattr|setattr|delattr|globals|breakpoint)\s*\("  # builtin calls
+    r"|(?<![\\\w])lambda(?:\s+[A-Za-z_*][\w\s,*]*)?:"  # a Python lambda (LaTeX's \lambda has a backslash)
+    r"|^[ \t]*(?:from[ \t]+[\w.]+[ \t]+import[ \t]+[\w.*]|import[ \t]+[\w.]+(?:[ \t]+as[ \t]+\w+)?[ \t]*$)"  # import statement
+    r"|(?<![\\\w])(?:os|sys|subprocess|shutil|builtins|importlib)\.[A-Za-z_]",  # module attribute access
+    re.MULTILINE,
+)
+_BOX_OPENER = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
+# "Answer: 5", "**Answer:** 5", "### Answer: 5"; the answer may also stand on the next non-empty line
+_ANSWER_LINE = re.compile(r"^[ \t]*[*#]*[ \t]*Answer[ \t]*\**[ \t]*:[ \t]*\**[ \t]*(.*?)[ \t]*$(?:\s*^(.+)$)?", re.MULTILINE | re.IGNORECASE)
+_SENTENCE_END = re.compile(r"(?:\s*(?<!\\)[.,;!?]|\s*\*\*)+\s*$")  # "42." "42!" "42 **"; not LaTeX's "\," or "\!"
+_MATH_DELIMITER = re.compile(r"(?<!\\)\$|\\\(|\\\[|\\boxed|\\fbox")
+# "The answer is 5", "x equals 5": plain words ending in is/are/equals/":" before the value
+_LEAD_IN = re.compile(r"^(?:[A-Za-z]+[ \t]+)*?(?:[A-Za-z]+[ \t]+(?:is|are|equals)|[A-Za-z]+[ \t]*:)[ \t]+")
+# "5 cm", "42 dollars", "\frac{3}{4} (in lowest terms)": words after a finished value (a digit, "}" or ")")
+_TRAILING_WORDS = re.compile(r"(?<=[\d})\]])(?:[ \t]+(?:[A-Za-z]{2,}|\([A-Za-z ,]+\)))(?:[ \t]+(?:[A-Za-z]+|\([A-Za-z ,]+\)))*$")
 _PLAIN_NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
 _DELIMITED_MATH = re.compile(r"^\s*(\$.*\$|\\\(.*\\\)|\\\[.*\\\])\s*$", re.DOTALL)
 
+# Why a completion scores 0 without being parsed (counted by MathVerifier, see `stats()`).
+CODE_LIKE = "code_like"
+CUT_OFF = "cut_off"
+
+
+def is_code_like(text: str) -> bool:
+    """True if `text` contains a Python construct (see `_CODE_LIKE`); such text is never parsed."""
+    return _CODE_LIKE.search(text) is not None
+
 
 # --------------------------------------------------------------------------- answer extraction
-def last_boxed(text: str) -> Optional[str]:
-    """Content of the last ``\\boxed{...}``/``\\fbox{...}`` with balanced braces (None if absent).
-
-    ``\\boxed 5`` (no braces, as some models write) gives "5".
-    """
-    start = max(text.rfind(opener) for opener in _BOX_OPENERS)
-    if start < 0:
-        return None
-    i = start + (len("\\boxed") if text.startswith("\\boxed", start) else len("\\fbox"))
-    if text.startswith(" ", i):
-        rest = text[i + 1 :].split("$")[0].strip()
-        return rest.split()[0] if rest else None
-    if not text.startswith("{", i):
-        return None
+def _box_content_end(text: str, open_brace: int) -> Optional[int]:
+    """Index of the "}" closing the "{" at `open_brace` (None if the text ends first)."""
     depth = 0
-    for j in range(i, len(text)):
+    for j in range(open_brace, len(text)):
         if text[j] == "{":
             depth += 1
         elif text[j] == "}":
             depth -= 1
             if depth == 0:
-                return text[i + 1 : j]
-    return None  # unbalanced: the answer was cut off
+                return j
+    return None
+
+
+def from_last_box(text: str) -> Optional[str]:
+    """`text` from its last ``\\boxed``/``\\fbox`` on, as math-verify should read it.
+
+    Returns `text` unchanged when it has no box, and None when the last box was cut off (no
+    closing brace: the answer is incomplete). ``\\fbox`` is spelt ``\\boxed`` (math-verify's
+    patterns look for ``\\boxed``); a box without braces (``\\boxed 42.``, as some models write)
+    gets them around its first word, without sentence punctuation.
+    """
+    openers = list(_BOX_OPENER.finditer(text))
+    if not openers:
+        return text
+    last = openers[-1]
+    rest = text[last.end() :]
+    stripped = rest.lstrip()
+    if stripped.startswith("{"):
+        brace = len(text) - len(stripped)
+        if _box_content_end(text, brace) is None:
+            return None
+        return "\\boxed" + text[brace:]
+    word = re.match(r"[^\s$]*", stripped).group()
+    value = _SENTENCE_END.sub("", word)
+    return "\\boxed{" + value + "}" + stripped[len(word) :] if value else None
+
+
+def last_boxed(text: str) -> Optional[str]:
+    """Content of the last ``\\boxed{...}``/``\\fbox{...}`` (None if there is none or it was cut off)."""
+    cut = from_last_box(text) if _BOX_OPENER.search(text) else None
+    if cut is None:
+        return None
+    return cut[len("\\boxed{") : _box_content_end(cut, len("\\boxed"))]
 
 
 def last_answer_line(text: str) -> Optional[str]:
-    """The text after ``Answer:`` on the last such line, without surrounding ``$`` (None if absent)."""
+    """What follows ``Answer:`` on the last such line, as math-verify should read it (None if absent).
+
+    Delimited math (``$...$``, ``\\(...\\)``, ``\\boxed{}``) goes to math-verify's own extraction as
+    written, words around it included. A bare answer is boxed, without what is not part of the
+    value: sentence punctuation at the end ("42."), a lead-in ("The answer is 5") and words after a
+    finished value ("5 cm", "(in lowest terms)").
+    """
     matches = _ANSWER_LINE.findall(text)
     if not matches:
         return None
-    answer = matches[-1].strip()
-    if len(answer) >= 2 and answer.startswith("$") and answer.endswith("$"):
-        answer = answer.strip("$").strip()
-    return answer or None
+    same_line, next_line = matches[-1]
+    answer = (same_line or next_line).strip()
+    if _MATH_DELIMITER.search(answer):
+        return from_last_box(answer)
+    value = _SENTENCE_END.sub("", answer)
+    value = _LEAD_IN.sub("", value, count=1)
+    value = _SENTENCE_END.sub("", _TRAILING_WORDS.sub("", value)).strip()
+    return "\\boxed{" + value + "}" if value else None
 
 
 def _extraction_targets():
@@ -113,21 +168,29 @@ def _gold_text(answer: str) -> str:
     return "\\boxed{" + answer + "}"
 
 
-def prediction_text(completion: str, answer_format: str, max_completion_chars: int) -> Optional[str]:
-    """The text of `completion` that gets parsed, per the convention in the module docstring.
-
-    None means "scores 0 without parsing" (code-like text).
-    """
+def _prediction(completion: str, answer_format: str, max_completion_chars: int) -> tuple[Optional[str], Optional[str]]:
+    """(text to parse, None) or (None, why it scores 0 unparsed: CODE_LIKE or CUT_OFF)."""
     if answer_format not in ANSWER_FORMATS:
         raise ValueError(f"answer_format must be one of {ANSWER_FORMATS}, got {answer_format!r}")
     tail = completion[-max_completion_chars:] if max_completion_chars > 0 else completion
-    extracted = last_answer_line(tail) if answer_format == "answer_line" else None
-    if extracted is None:
-        extracted = last_boxed(tail)
-    text = tail if extracted is None else "\\boxed{" + extracted + "}"
-    if _CODE_LIKE.search(extracted if extracted is not None else tail[-200:]):
-        return None
-    return text
+    text = None
+    if answer_format == "answer_line" and _ANSWER_LINE.search(tail):
+        text = last_answer_line(tail)
+    else:
+        text = from_last_box(tail)
+    if text is None:
+        return None, CUT_OFF
+    if is_code_like(text):
+        return None, CODE_LIKE
+    return text, None
+
+
+def prediction_text(completion: str, answer_format: str, max_completion_chars: int) -> Optional[str]:
+    """The text of `completion` that math-verify parses, per the convention in the module docstring.
+
+    None means "scores 0 without parsing" (code-like text, or a last answer that was cut off).
+    """
+    return _prediction(completion, answer_format, max_completion_chars)[0]
 
 
 def score_one(
@@ -143,18 +206,23 @@ def score_one(
     In-process and unguarded: use `MathVerifier` for untrusted text. `mv_timeout` is math-verify's
     own signal timeout (main thread only); None disables it.
     """
+    return _score(completion, answer, answer_format, max_completion_chars, mv_timeout)[0]
+
+
+def _score(completion, answer, answer_format, max_completion_chars, mv_timeout) -> tuple[float, Optional[str]]:
+    """(score, why it was not parsed: CODE_LIKE, CUT_OFF or None)."""
     from math_verify import verify
 
-    text = prediction_text(completion, answer_format, max_completion_chars)
+    text, skipped = _prediction(completion, answer_format, max_completion_chars)
     if text is None:
-        return 0.0
+        return 0.0, skipped
     gold = _parse(_gold_text(str(answer)), mv_timeout)
     if not gold:
-        return 0.0
+        return 0.0, None
     pred = _parse(text, mv_timeout)
     if not pred:
-        return 0.0
-    return 1.0 if verify(gold, pred, timeout_seconds=mv_timeout) else 0.0
+        return 0.0, None
+    return (1.0 if verify(gold, pred, timeout_seconds=mv_timeout) else 0.0), None
 
 
 def unparseable_gold_answers(answers: Iterable[str], *, timeout_s: float = 5.0) -> list[int]:
@@ -176,7 +244,7 @@ def unparseable_gold_answers(answers: Iterable[str], *, timeout_s: float = 5.0) 
             continue  # nearly every DAPO/GSM8K answer: skip the parser
         if text not in verdicts:
             # math-verify falls back to the raw string when sympy fails: then only an identical string matches
-            parsed = _parse(_gold_text(text), timeout) if text and not _CODE_LIKE.search(text) else []
+            parsed = _parse(_gold_text(text), timeout) if text and not is_code_like(text) else []
             verdicts[text] = any(not isinstance(p, str) for p in parsed)
         if not verdicts[text]:
             bad.append(i)
@@ -211,12 +279,10 @@ def _worker_main() -> None:
         result = {"score": 0.0}
         signal.setitimer(signal.ITIMER_REAL, task["soft_timeout_s"])
         try:
-            result["score"] = score_one(
-                task["completion"],
-                task["answer"],
-                answer_format=task["answer_format"],
-                max_completion_chars=0,  # the parent already cut it
-            )
+            # max_completion_chars=0: the parent already cut the completion
+            result["score"], skipped = _score(task["completion"], task["answer"], task["answer_format"], 0, None)
+            if skipped:
+                result["skipped"] = skipped
         except _SoftTimeout:
             result["timed_out"] = True
         except Exception:  # noqa: BLE001  (any parser failure means "not verified")
