@@ -1,7 +1,8 @@
 """Verifier fidelity on real data: MathVerifier vs labels and vs raw math-verify, before/after a change.
 
-    .venv/bin/python benchmarks/verifier_agreement.py --label after                     # this checkout
-    .venv/bin/python benchmarks/verifier_agreement.py --label before --polopt /work/main  # another one
+    .venv/bin/python benchmarks/verifier_agreement.py --label after                  # this checkout
+    .venv/bin/python benchmarks/verifier_agreement.py --label before --polopt ../main  # another one
+    (--data DIR: the shared data folder, default ../shared/data beside the checkout)
 
 Three figures for the polopt package found at --polopt (default: this checkout):
 1. `verifier_cases.jsonl` (../shared/data, all 6,076 labelled completions, boxed format): agreement
@@ -27,7 +28,6 @@ from pathlib import Path
 
 from _common import REPO, RESULTS, environment  # benchmarks/ is on sys.path when run as a script
 
-DATA = REPO.parent / "shared" / "data"
 UPSTREAM_CASES = REPO / "tests" / "data" / "math_verify_cases.jsonl"
 GOLD_FILES = ("aime24", "aime25", "amc23", "math500", "minerva_math", "olympiadbench", "dapo_math_17k",
               "math_level3to5_simplerl_train", "gsm8k_train", "gsm8k_test")
@@ -50,14 +50,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--label", required=True, help="name of this run in the results (e.g. before, after)")
     parser.add_argument("--polopt", default=str(REPO), help="checkout whose polopt package is measured")
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"), help="the shared data folder")
     args = parser.parse_args()
+    data = Path(args.data)
     sys.path.insert(0, str(Path(args.polopt).resolve()))
     verify_module = importlib.import_module("polopt.verify")
     commit = _git_head(Path(args.polopt))
     logging.getLogger("math_verify").setLevel(logging.CRITICAL)
     run: dict = {"polopt": str(Path(verify_module.__file__).resolve().parents[1]), "commit": commit}
 
-    rows = jsonl(DATA / "verifier_cases.jsonl")
+    rows = jsonl(data / "verifier_cases.jsonl")
     completions, golds = [r["completion"] for r in rows], [r["gold"] for r in rows]
     with verify_module.MathVerifier(num_workers=2) as verifier:
         start = time.perf_counter()
@@ -83,7 +85,7 @@ def main() -> None:
     run["upstream_suite"] = {"cases": len(suite), "polopt_agrees_with_expected": sum(s == float(c["expected"]) for s, c in zip(suite_scores, suite))}
     run["unparseable_gold"] = {}
     for name in GOLD_FILES:
-        answers = [r["answer"] for r in jsonl(DATA / f"{name}.jsonl")]
+        answers = [r["answer"] for r in jsonl(data / f"{name}.jsonl")]
         bad = verify_module.unparseable_gold_answers(answers)
         run["unparseable_gold"][name] = {"rows": len(answers), "unparseable": len(bad), "examples": [answers[i] for i in bad[:10]]}
     write(args.label, run)

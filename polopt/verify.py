@@ -3,21 +3,31 @@
     verifier = MathVerifier(timeout_s=5.0, num_workers=2)
     rewards = verifier(completions, gold_answers)        # list of 0.0 / 1.0
 
-Which part of a completion is scored (the convention, the same for training and evaluation):
+What math-verify reads (the convention, the same for training and evaluation; docs/data.md lists
+every case where it changes math-verify's verdict, with an example):
 
-- ``answer_format="boxed"`` (Qwen2.5-Math prompts): the content of the LAST ``\\boxed{...}`` (or
-  ``\\fbox{...}``). math-verify on its own reads every ``\\boxed{}`` as a set, so "\\boxed{4} ...
-  \\boxed{6}" would match neither 4 nor 6; Qwen2.5-Math's evaluation and verl's math_dapo take the
-  last one, and so do we: a model that revises its answer gets the revision scored.
+- The completion is cut to its last ``max_completion_chars`` characters (the answer is at the end;
+  parsing cost grows with length).
+- ``answer_format="boxed"`` (Qwen2.5-Math prompts): the text from the LAST ``\\boxed{...}`` (or
+  ``\\fbox{...}``) on. math-verify on its own joins nearby boxes into a set, so "\\boxed{3}, no:
+  \\boxed{4}" would match neither 3 nor 4; Qwen2.5-Math's evaluation and verl's math_dapo take the
+  last box, and so do we: a model that revises its answer gets the revision scored. What follows
+  the box stays, so math-verify's own priorities still apply ("... The final answer is $6$" after
+  the box wins, as in math-verify). A last box cut off before its closing brace scores 0: the
+  answer is incomplete, and an earlier box is not the last answer.
 - ``answer_format="answer_line"`` (DAPO prompts, "Answer: $Answer"): the LAST line starting with
-  ``Answer:``; a completion without one falls back to the last ``\\boxed{}``.
+  ``Answer:`` (or the next line, if that one is empty). Delimited math on it goes to math-verify as
+  written; a bare answer is boxed without sentence punctuation, a lead-in ("The answer is") or
+  words after the value ("5 cm"). A completion without such a line falls back to the box rule.
 - A completion with none of the above is handed whole to math-verify's own extraction (LaTeX and
   plain expressions, anchored on "final answer is ..." and similar, else the last expression):
   GSM8K-style completions ending in "A: 18" are scored that way.
+- Text that contains Python (``__import__``, ``eval(``, ``lambda x:``, ``import os``, ``os.system``)
+  is never parsed and scores 0; LaTeX such as ``\\lambda`` and prose such as "import" are not code.
 
-The completion is first cut to its last ``max_completion_chars`` characters (the answer is at the
-end; parsing cost grows with length). The gold answer is wrapped in ``\\boxed{}`` unless it already
-holds ``\\boxed`` or ``$``-delimited math, and parsed with the same extraction.
+The gold answer is wrapped in ``\\boxed{}`` unless it already holds ``\\boxed`` or
+``$``-delimited math, and parsed with the same extraction; ``math_verify.verify`` with its defaults
+decides.
 
 Why worker processes: math-verify parses with sympy; a pathological answer (a power tower, 4,000
 nested brackets, a megabyte of digits) can take minutes inside a single C call that no signal
@@ -25,7 +35,8 @@ interrupts, and sympy's ``parse_expr`` evaluates Python. Each answer therefore r
 process (started with ``subprocess``, so the trainer's torch threads and ``__main__`` are never
 forked or re-imported) under a soft in-worker timer and a hard deadline: a worker still busy at
 ``timeout_s`` is killed and replaced, and its answer scores 0. A worker that dies scores 0 the same
-way; the batch always returns.
+way; the batch always returns. `MathVerifier.stats()` counts timeouts, worker deaths and answers
+filtered as code; training and evaluation log them (`verification_counts`).
 
 Custom verifiers plug in through the recipe config (``verifier._component_``): any callable
 ``(completions: list[str], answers: list[str]) -> list[float]`` works.
@@ -384,8 +395,10 @@ class MathVerifier:
         self.memory_limit_mb = memory_limit_mb
         self._workers: list[_Worker] = []
         self._failed_starts = 0
+        self.num_verified = 0
         self.num_timeouts = 0
         self.num_worker_deaths = 0
+        self.num_filtered_as_code = 0
 
     # pickles as config only: a pool of live processes cannot cross a process boundary
     def __getstate__(self) -> dict:
@@ -411,6 +424,19 @@ class MathVerifier:
             worker.kill()
         self._workers = []
 
+    def stats(self) -> dict[str, float]:
+        """Counts since construction, under the metric names training and evaluation log them with.
+
+        `verify/timeouts`, `verify/worker_deaths` and `verify/filtered_as_code` are answers that
+        scored 0 without math-verify's verdict (see `verification_counts`).
+        """
+        return {
+            "verify/answers": float(self.num_verified),
+            "verify/timeouts": float(self.num_timeouts),
+            "verify/worker_deaths": float(self.num_worker_deaths),
+            "verify/filtered_as_code": float(self.num_filtered_as_code),
+        }
+
     def __repr__(self) -> str:
         return (
             f"MathVerifier(timeout_s={self.timeout_s}, num_workers={self.num_workers}, "
@@ -424,6 +450,7 @@ class MathVerifier:
             )
         if not completions:
             return []
+        self.num_verified += len(completions)
         scores = [0.0] * len(completions)
         pending = deque(range(len(completions)))
         payloads = {}
@@ -446,6 +473,7 @@ class MathVerifier:
                         try:
                             worker.send(i, payloads[i], self.timeout_s)
                         except (BrokenPipeError, OSError):
+                            self.num_worker_deaths += 1
                             self._replace(selector, worker, reason="died")
                 busy = [w.deadline for w in self._workers if w.task is not None]
                 wait = max(0.0, min(busy) - time.monotonic()) if busy else self.timeout_s
@@ -481,6 +509,8 @@ class MathVerifier:
         if message.get("timed_out"):
             self.num_timeouts += 1
             log.warning(f"MathVerifier: answer {worker.task} timed out (cooperative timer); scored 0")
+        if message.get("skipped") == CODE_LIKE:
+            self.num_filtered_as_code += 1
         scores[worker.task] = float(message["score"])
         worker.task = None
 
@@ -492,6 +522,19 @@ class MathVerifier:
         fresh = _Worker(self.memory_limit_mb)
         self._workers[self._workers.index(worker)] = fresh
         selector.register(fresh.proc.stdout, selectors.EVENT_READ, fresh)
+
+
+def verification_counts(verifier, since: Optional[dict[str, float]] = None) -> dict[str, float]:
+    """`verifier.stats()` minus `since` (an earlier `stats()`), or {} for a verifier without `stats()`.
+
+    How callers see that verification, not the model, failed: training logs the counts of each
+    rollout (polopt.filtering), evaluation writes them beside avg@k (polopt.evaluation).
+    """
+    stats = getattr(verifier, "stats", None)
+    if stats is None:
+        return {}
+    now = stats()
+    return {name: value - (since or {}).get(name, 0.0) for name, value in now.items()}
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 
 Each `@pytest.mark.parametrize` table whose argument names include `gold` and `pred` gives one row
 per literal tuple: gold, prediction, the verdict math-verify's test expects, how that test calls
-math-verify (`harness`), and where the tuple is (`source`: path:line at `upstream`). Tuples are read
+math-verify (`harness`), and where the tuple is (`source`: path:line:column at `upstream`). Tuples are read
 with `ast.literal_eval`, so only literal text comes over; the one f-string (`f"{math.sqrt(17):.15f}"`)
 is formatted from its `math` call on a literal, anything else that is not literal is reported and
 left out. A `compare_strings(<literal>, <literal>, ...) == <literal>` assertion outside a table
@@ -97,7 +97,7 @@ def cases_in(path: str, text: str, commit: str) -> tuple[list[dict], list[str]]:
     for function, names, tuples in parametrize_tables(tree):
         harness = harness_of(function)
         for node in tuples:
-            where = f"tests/{path}:{node.lineno}"
+            where = f"tests/{path}:{node.lineno}:{node.col_offset + 1}"
             try:
                 values = dict(zip(names, literal(node)))
             except ValueError:
@@ -116,7 +116,7 @@ def cases_in(path: str, text: str, commit: str) -> tuple[list[dict], list[str]]:
         gold, pred = map(ast.literal_eval, call.args[:2])
         rows.append({
             "gold": gold, "pred": pred, "expected": int(expected), "harness": harness, "test": function.name,
-            "source": f"tests/{path}:{call.lineno}", "upstream": f"{UPSTREAM}@{commit}",
+            "source": f"tests/{path}:{call.lineno}:{call.col_offset + 1}", "upstream": f"{UPSTREAM}@{commit}",
         })
     return rows, skipped
 
