@@ -74,8 +74,7 @@ _CODE_LIKE = re.compile(
 )
 _BOX_OPENER = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 # "Answer: 5", "**Answer:** 5", "### Answer: 5"; the answer may also stand on the next non-empty line
-_ANSWER_LINE = re.compile(r"^[ \t]*[*#]*[ \t]*Answer[ \t]*\**[ \t]*:[ \t]*\**[ \t]*(.*?)[ \t]*$(?:\s*^(.+)$)?", re.MULTILINE | re.IGNORECASE)
-_SENTENCE_END = re.compile(r"(?:\s*(?<!\\)[.,;!?]|\s*\*\*)+\s*$")  # "42." "42!" "42 **"; not LaTeX's "\," or "\!"
+_ANSWER_LINE = re.compile(r"^[ \t]*(?:[*#]+[ \t]*)?Answer[ \t]*(?:\*+[ \t]*)?:[ \t]*\**([^\n]*)(?:\n\s*([^\n]+))?", re.MULTILINE | re.IGNORECASE)
 _MATH_DELIMITER = re.compile(r"(?<!\\)\$|\\\(|\\\[|\\boxed|\\fbox")
 # "The answer is 5", "x equals 5": plain words ending in is/are/equals/":" before the value
 _LEAD_IN = re.compile(r"^(?:[A-Za-z]+[ \t]+)*?(?:[A-Za-z]+[ \t]+(?:is|are|equals)|[A-Za-z]+[ \t]*:)[ \t]+")
@@ -87,6 +86,21 @@ _DELIMITED_MATH = re.compile(r"^\s*(\$.*\$|\\\(.*\\\)|\\\[.*\\\])\s*$", re.DOTAL
 # Why a completion scores 0 without being parsed (counted by MathVerifier, see `stats()`).
 CODE_LIKE = "code_like"
 CUT_OFF = "cut_off"
+
+
+def _without_sentence_end(text: str) -> str:
+    """`text` without trailing sentence punctuation or bold markers: "42." "42!" "42 **" -> "42".
+
+    LaTeX's spacing commands "\\," "\\;" "\\!" stay (a loop, not a regex: linear on any input).
+    """
+    while True:
+        text = text.rstrip()
+        if text.endswith("**"):
+            text = text[:-2]
+        elif text and text[-1] in ".,;!?" and text[-2:-1] != "\\":
+            text = text[:-1]
+        else:
+            return text
 
 
 def is_code_like(text: str) -> bool:
@@ -128,7 +142,7 @@ def from_last_box(text: str) -> Optional[str]:
             return None
         return "\\boxed" + text[brace:]
     word = re.match(r"[^\s$]*", stripped).group()
-    value = _SENTENCE_END.sub("", word)
+    value = _without_sentence_end(word)
     return "\\boxed{" + value + "}" + stripped[len(word) :] if value else None
 
 
@@ -151,13 +165,12 @@ def last_answer_line(text: str) -> Optional[str]:
     matches = _ANSWER_LINE.findall(text)
     if not matches:
         return None
-    same_line, next_line = matches[-1]
-    answer = (same_line or next_line).strip()
+    same_line, next_line = (part.strip() for part in matches[-1])
+    answer = same_line or next_line
     if _MATH_DELIMITER.search(answer):
         return from_last_box(answer)
-    value = _SENTENCE_END.sub("", answer)
-    value = _LEAD_IN.sub("", value, count=1)
-    value = _SENTENCE_END.sub("", _TRAILING_WORDS.sub("", value)).strip()
+    value = _LEAD_IN.sub("", _without_sentence_end(answer), count=1)
+    value = _without_sentence_end(_TRAILING_WORDS.sub("", value))
     return "\\boxed{" + value + "}" if value else None
 
 
