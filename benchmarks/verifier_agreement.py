@@ -1,8 +1,11 @@
 """Verifier fidelity on real data: MathVerifier vs labels and vs raw math-verify, before/after a change.
 
-    .venv/bin/python benchmarks/verifier_agreement.py --label after                  # this checkout
-    .venv/bin/python benchmarks/verifier_agreement.py --label before --polopt ../main  # another one
+    .venv/bin/python benchmarks/verifier_agreement.py --label after      # this checkout
+    cd ../main && .venv/bin/python ../verify/benchmarks/verifier_agreement.py --label before --polopt .
     (--data DIR: the shared data folder, default ../shared/data beside the checkout)
+
+Run it from the root of the checkout measured: before polopt's verifier started its workers in
+its own folder, they imported polopt from the working directory.
 
 Three figures for the polopt package found at --polopt (default: this checkout):
 1. `verifier_cases.jsonl` (../shared/data, all 6,076 labelled completions, boxed format): agreement
@@ -21,6 +24,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 import time
 from importlib.metadata import version
@@ -57,7 +61,7 @@ def main() -> None:
     verify_module = importlib.import_module("polopt.verify")
     commit = _git_head(Path(args.polopt))
     logging.getLogger("math_verify").setLevel(logging.CRITICAL)
-    run: dict = {"polopt": str(Path(verify_module.__file__).resolve().parents[1]), "commit": commit}
+    run: dict = {"polopt": str(Path(verify_module.__file__).resolve().parents[1]), "commit": commit, "cwd": os.getcwd()}
 
     rows = jsonl(data / "verifier_cases.jsonl")
     completions, golds = [r["completion"] for r in rows], [r["gold"] for r in rows]
@@ -117,7 +121,7 @@ def write(label: str, run: dict) -> None:
     lines = ["# Verifier agreement", "",
              "`benchmarks/verifier_agreement.py`: MathVerifier (boxed format, default options) on ../shared/data.", ""]
     for name, r in results["runs"].items():
-        lines += [f"## {name}: polopt at {r['commit']} ({r['date']})", "", f"- command: `{r['command']}`",
+        lines += [f"## {name}: polopt at {r['commit']} ({r['date']})", "", f"- command: `{r['command']}` in `{r['cwd']}`",
                   f"- machine: {r['machine']}; " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()), "",
                   "| verifier_cases.jsonl | rows | polopt = label | raw math-verify = label | polopt = raw math-verify |",
                   "|---|---:|---:|---:|---:|"]

@@ -197,7 +197,6 @@ def _prediction(completion: str, answer_format: str, max_completion_chars: int) 
     if answer_format not in ANSWER_FORMATS:
         raise ValueError(f"answer_format must be one of {ANSWER_FORMATS}, got {answer_format!r}")
     tail = completion[-max_completion_chars:] if max_completion_chars > 0 else completion
-    text = None
     if answer_format == "answer_line" and _ANSWER_LINE.search(tail):
         text = last_answer_line(tail)
     else:
@@ -330,6 +329,7 @@ class _Worker:
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             env=env,
+            cwd=root,  # `python -c` puts the working directory first on sys.path: import this polopt, not one found there
             text=True,
             bufsize=1,
             preexec_fn=_limit_memory(memory_limit_mb) if memory_limit_mb else None,

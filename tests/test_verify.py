@@ -215,6 +215,18 @@ def test_pickles_as_config_and_closes_its_processes():
     clone.close()
 
 
+def test_workers_import_this_polopt_whatever_the_working_directory(tmp_path, monkeypatch):
+    """`python -c` puts the working directory first on sys.path; a polopt found there (another
+    checkout) must not be the one the workers run."""
+    impostor = tmp_path / "polopt"
+    impostor.mkdir()
+    (impostor / "__init__.py").write_text("")
+    (impostor / "verify.py").write_text("def _worker_main():\n    print('{\"ready\": true}')\n    for _ in iter(input, None):\n        print('{\"score\": 1.0}')\n")
+    monkeypatch.chdir(tmp_path)
+    with MathVerifier(timeout_s=TIMEOUT_S, num_workers=1) as v:
+        assert v(["\\boxed{2}"], ["3"]) == [0.0]
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="answer_format"):
         MathVerifier(answer_format="last_number")
