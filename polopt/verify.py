@@ -25,8 +25,8 @@ every case where it changes math-verify's verdict, with an example):
 - Text that contains Python (``__import__``, ``eval(``, ``lambda x:``, ``import os``, ``os.system``)
   is never parsed and scores 0; LaTeX such as ``\\lambda`` and prose such as "import" are not code.
 
-The gold answer is wrapped in ``\\boxed{}`` unless it already holds ``\\boxed`` or
-``$``-delimited math, and parsed with the same extraction; ``math_verify.verify`` with its defaults
+The gold answer is wrapped in ``\\boxed{}`` (without sentence punctuation at its end) unless it
+already holds ``\\boxed`` or ``$``-delimited math, and parsed with the same extraction; ``math_verify.verify`` with its defaults
 decides.
 
 Why worker processes: math-verify parses with sympy; a pathological answer (a power tower, 4,000
@@ -187,9 +187,11 @@ def _parse(text: str, timeout: Optional[int]) -> list:
 
 
 def _gold_text(answer: str) -> str:
+    """The gold answer as math-verify reads it: delimited math as written, a bare answer boxed
+    without sentence punctuation at its end (datasets carry "7\\text{ hours}." and "\\text{(E)},")."""
     if "\\boxed" in answer or _DELIMITED_MATH.match(answer):
         return answer
-    return "\\boxed{" + answer + "}"
+    return "\\boxed{" + _without_sentence_end(answer) + "}"
 
 
 def _prediction(completion: str, answer_format: str, max_completion_chars: int) -> tuple[Optional[str], Optional[str]]:

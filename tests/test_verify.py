@@ -101,7 +101,7 @@ def test_mathematics_and_prose_are_not_code_like(text):
 
 
 def test_gold_is_wrapped_unless_already_math(verifier):
-    golds = ["\\frac{1}{2}", "$\\frac{1}{2}$", "\\boxed{\\frac12}", "0.5", "1/2"]
+    golds = ["\\frac{1}{2}", "$\\frac{1}{2}$", "\\boxed{\\frac12}", "0.5", "1/2", "0.5.", "\\frac{1}{2},"]
     assert verifier(["so \\boxed{0.5}"] * len(golds), golds) == [1.0] * len(golds)
 
 
@@ -241,7 +241,7 @@ def test_bad_arguments_are_named():
 
 
 def test_unparseable_gold_answers_lists_indices():
-    answers = ["3", "\\frac{1}{2}", "\\frac{", "", "x^2+1", "-0.5", "__import__('os')", "2\\lambda"]
+    answers = ["3", "\\frac{1}{2}", "\\frac{", "", "x^2+1", "-0.5", "__import__('os')", "2\\lambda", "7\\text{ hours}."]
     assert unparseable_gold_answers(answers) == [2, 3, 6]
 
 
