@@ -318,7 +318,7 @@ def _worker_main() -> None:
 
 
 class _Worker:
-    """One verification subprocess, its pipes, and the task it is working on."""
+    """One verification subprocess, its pipes, and the answers sent to it (in order, head first)."""
 
     def __init__(self, memory_limit_mb: Optional[int]):
         env = dict(os.environ)
@@ -337,14 +337,28 @@ class _Worker:
             preexec_fn=_limit_memory(memory_limit_mb) if memory_limit_mb else None,
         )
         self.ready = False
-        self.task: Optional[int] = None
-        self.deadline = 0.0
+        self.tasks: deque[int] = deque()
+        self.deadline = 0.0  # for the head of `tasks`
+        self._unread = b""
 
     def send(self, index: int, payload: dict, timeout_s: float) -> None:
-        self.task = index
         self.proc.stdin.write(json.dumps(payload) + "\n")
         self.proc.stdin.flush()
-        self.deadline = time.monotonic() + timeout_s
+        self.tasks.append(index)
+        if len(self.tasks) == 1:
+            self.deadline = time.monotonic() + timeout_s
+
+    def read_lines(self) -> Optional[list[str]]:
+        """The complete lines the worker has written since the last call; None once it has exited.
+
+        Reads the pipe directly: a buffered reader could hold a second result that select() would
+        then never report.
+        """
+        data = os.read(self.proc.stdout.fileno(), 1 << 16)
+        if not data:
+            return None
+        *lines, self._unread = (self._unread + data).split(b"\n")
+        return [line.decode() for line in lines]
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -386,6 +400,9 @@ class MathVerifier:
     # parses without losing the worker; the hard kill at timeout_s covers the rest.
     soft_timeout_fraction = 0.8
     max_failed_starts = 3
+    # answers queued per worker: the next one is already in its pipe when it finishes one, so a
+    # worker never waits for the parent to be scheduled (a busy machine delays that by milliseconds)
+    tasks_per_worker = 2
 
     def __init__(
         self,
@@ -468,44 +485,45 @@ class MathVerifier:
         self.num_verified += len(completions)
         scores = [0.0] * len(completions)
         pending = deque(range(len(completions)))
-        payloads = {}
         while len(self._workers) < self.num_workers:
             self._workers.append(_Worker(self.memory_limit_mb))
         selector = selectors.DefaultSelector()
         for worker in self._workers:
             selector.register(worker.proc.stdout, selectors.EVENT_READ, worker)
         try:
-            while pending or any(w.task is not None for w in self._workers):
+            while pending or any(w.tasks for w in self._workers):
                 for worker in self._workers:
-                    if worker.ready and worker.task is None and pending:
+                    while worker.ready and len(worker.tasks) < self.tasks_per_worker and pending:
                         i = pending.popleft()
-                        payloads[i] = {
+                        payload = {
                             "completion": str(completions[i])[-self.max_completion_chars :],
                             "answer": str(answers[i]),
                             "answer_format": self.answer_format,
                             "soft_timeout_s": self.soft_timeout_fraction * self.timeout_s,
                         }
                         try:
-                            worker.send(i, payloads[i], self.timeout_s)
-                        except (BrokenPipeError, OSError):
+                            worker.send(i, payload, self.timeout_s)
+                        except (BrokenPipeError, OSError):  # it died between answers: answer i scores 0
+                            log.warning(f"MathVerifier: worker died before answer {i}; scored 0, worker replaced")
                             self.num_worker_deaths += 1
-                            self._replace(selector, worker, reason="died")
-                busy = [w.deadline for w in self._workers if w.task is not None]
+                            self._replace(selector, worker, pending, reason="died")
+                            break
+                busy = [w.deadline for w in self._workers if w.tasks]
                 wait = max(0.0, min(busy) - time.monotonic()) if busy else self.timeout_s
                 for key, _ in selector.select(timeout=wait):
-                    self._receive(selector, key.data, scores)
+                    self._receive(selector, key.data, scores, pending)
                 now = time.monotonic()
                 for worker in list(self._workers):
-                    if worker.task is not None and now >= worker.deadline:
+                    if worker.tasks and now >= worker.deadline:
                         self.num_timeouts += 1
-                        self._replace(selector, worker, reason=f"timed out after {self.timeout_s:g}s")
+                        self._replace(selector, worker, pending, reason=f"timed out after {self.timeout_s:g}s")
         finally:
             selector.close()
         return scores
 
-    def _receive(self, selector, worker: _Worker, scores: list[float]) -> None:
-        line = worker.proc.stdout.readline()
-        if not line:
+    def _receive(self, selector, worker: _Worker, scores: list[float], pending: deque) -> None:
+        lines = worker.read_lines()
+        if lines is None:
             self.num_worker_deaths += 1
             if not worker.ready:
                 self._failed_starts += 1
@@ -514,24 +532,28 @@ class MathVerifier:
                         f"MathVerifier: {self._failed_starts} worker processes exited before becoming ready; "
                         f"check that `{sys.executable} -c 'import polopt.verify, math_verify'` works"
                     )
-            self._replace(selector, worker, reason=f"died (exit code {worker.proc.poll()})")
+            self._replace(selector, worker, pending, reason=f"died (exit code {worker.proc.poll()})")
             return
-        message = json.loads(line)
-        if message.get("ready"):
-            worker.ready = True
-            self._failed_starts = 0
-            return
-        if message.get("timed_out"):
-            self.num_timeouts += 1
-            log.warning(f"MathVerifier: answer {worker.task} timed out (cooperative timer); scored 0")
-        if message.get("skipped") == CODE_LIKE:
-            self.num_filtered_as_code += 1
-        scores[worker.task] = float(message["score"])
-        worker.task = None
+        for line in lines:
+            message = json.loads(line)
+            if message.get("ready"):
+                worker.ready = True
+                self._failed_starts = 0
+                continue
+            task = worker.tasks.popleft()
+            if message.get("timed_out"):
+                self.num_timeouts += 1
+                log.warning(f"MathVerifier: answer {task} timed out (cooperative timer); scored 0")
+            if message.get("skipped") == CODE_LIKE:
+                self.num_filtered_as_code += 1
+            scores[task] = float(message["score"])
+            worker.deadline = time.monotonic() + self.timeout_s  # for the next answer, if one was sent
 
-    def _replace(self, selector, worker: _Worker, *, reason: str) -> None:
-        if worker.task is not None:
-            log.warning(f"MathVerifier: worker {reason} on answer {worker.task}; scored 0, worker replaced")
+    def _replace(self, selector, worker: _Worker, pending: deque, *, reason: str) -> None:
+        """Kill `worker` and start another: its current answer scores 0, the ones queued behind it go back to `pending`."""
+        if worker.tasks:
+            log.warning(f"MathVerifier: worker {reason} on answer {worker.tasks[0]}; scored 0, worker replaced")
+            pending.extendleft(reversed(list(worker.tasks)[1:]))
         selector.unregister(worker.proc.stdout)
         worker.kill()
         fresh = _Worker(self.memory_limit_mb)
