@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from polopt.batch import scored_rewards
 from polopt.rollout import SamplingParams
+from polopt.verify import verification_counts
 
 
 def evaluate_prompts(
@@ -31,13 +32,16 @@ def evaluate_prompts(
 
     Truncated answers count as wrong. Returns sums as well as means so that callers sharding
     questions across ranks can add them up: {"correct", "solved", "n_questions", "k",
-    "avg_at_k", "pass_at_k", "mean_response_len", "truncation_rate"}.
+    "avg_at_k", "pass_at_k", "mean_response_len", "truncation_rate"}, plus the verifier's counts
+    over this call when it keeps them (`verify/timeouts`, `verify/worker_deaths`,
+    `verify/filtered_as_code`, `verify/answers`: see `polopt.verify.verification_counts`).
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     correct = solved = tokens = truncated = 0.0
+    counts_before = verification_counts(verifier)
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
@@ -66,6 +70,7 @@ def evaluate_prompts(
         "pass_at_k": solved / n if n else 0.0,
         "mean_response_len": tokens / samples,
         "truncation_rate": truncated / samples,
+        **verification_counts(verifier, counts_before),
     }
 
 
@@ -83,4 +88,5 @@ def merge_counts(parts: list[dict[str, float]]) -> dict[str, float]:
         "pass_at_k": sum(p["solved"] for p in parts) / max(1.0, n),
         "mean_response_len": sum(p["mean_response_len"] * p["n_questions"] * k for p in parts) / samples,
         "truncation_rate": sum(p["truncation_rate"] * p["n_questions"] * k for p in parts) / samples,
+        **{name: sum(p[name] for p in parts) for name in (parts[0] if parts else {}) if name.startswith("verify/")},
     }

@@ -24,6 +24,7 @@ import torch
 from polopt.batch import PromptGroup, scored_rewards
 from polopt.losses.group_stats import informative
 from polopt.rollout import SamplingParams
+from polopt.verify import verification_counts
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class DynamicSampler:
         kept: list[PromptGroup] = []
         generated: list[PromptGroup] = []
         gen_batches = 0
+        counts_before = verification_counts(self.verifier)
         while len(kept) < self.num_prompts and gen_batches < self.max_gen_batches:
             prompts = self.prompt_stream.next_batch() if self.gen_batch_size is None else self.prompt_stream.next_batch(self.gen_batch_size)
             if not prompts:
@@ -88,7 +90,7 @@ class DynamicSampler:
                 len(kept), self.num_prompts, gen_batches, len(generated),
                 "filter on: the rest had r̂ ∈ {0, 1}" if self.filter_groups else "filter off",
             )
-        return kept, rollout_metrics(generated, kept, gen_batches)
+        return kept, {**rollout_metrics(generated, kept, gen_batches), **verification_counts(self.verifier, counts_before)}
 
     def _generate_and_score(self, prompts: list[dict], batch_index: int) -> list[PromptGroup]:
         for i, p in enumerate(prompts):

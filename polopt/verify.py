@@ -3,21 +3,31 @@
     verifier = MathVerifier(timeout_s=5.0, num_workers=2)
     rewards = verifier(completions, gold_answers)        # list of 0.0 / 1.0
 
-Which part of a completion is scored (the convention, the same for training and evaluation):
+What math-verify reads (the convention, the same for training and evaluation; docs/data.md lists
+every case where it changes math-verify's verdict, with an example):
 
-- ``answer_format="boxed"`` (Qwen2.5-Math prompts): the content of the LAST ``\\boxed{...}`` (or
-  ``\\fbox{...}``). math-verify on its own reads every ``\\boxed{}`` as a set, so "\\boxed{4} ...
-  \\boxed{6}" would match neither 4 nor 6; Qwen2.5-Math's evaluation and verl's math_dapo take the
-  last one, and so do we: a model that revises its answer gets the revision scored.
+- The completion is cut to its last ``max_completion_chars`` characters (the answer is at the end;
+  parsing cost grows with length).
+- ``answer_format="boxed"`` (Qwen2.5-Math prompts): the text from the LAST ``\\boxed{...}`` (or
+  ``\\fbox{...}``) on. math-verify on its own joins nearby boxes into a set, so "\\boxed{3}, no:
+  \\boxed{4}" would match neither 3 nor 4; Qwen2.5-Math's evaluation and verl's math_dapo take the
+  last box, and so do we: a model that revises its answer gets the revision scored. What follows
+  the box stays, so math-verify's own priorities still apply ("... The final answer is $6$" after
+  the box wins, as in math-verify). A last box cut off before its closing brace scores 0: the
+  answer is incomplete, and an earlier box is not the last answer.
 - ``answer_format="answer_line"`` (DAPO prompts, "Answer: $Answer"): the LAST line starting with
-  ``Answer:``; a completion without one falls back to the last ``\\boxed{}``.
+  ``Answer:`` (or the next line, if that one is empty). Delimited math on it goes to math-verify as
+  written; a bare answer is boxed without sentence punctuation, a lead-in ("The answer is") or
+  words after the value ("5 cm"). A completion without such a line falls back to the box rule.
 - A completion with none of the above is handed whole to math-verify's own extraction (LaTeX and
   plain expressions, anchored on "final answer is ..." and similar, else the last expression):
   GSM8K-style completions ending in "A: 18" are scored that way.
+- Text that contains Python (``__import__``, ``eval(``, ``lambda x:``, ``import os``, ``os.system``)
+  is never parsed and scores 0; LaTeX such as ``\\lambda`` and prose such as "import" are not code.
 
-The completion is first cut to its last ``max_completion_chars`` characters (the answer is at the
-end; parsing cost grows with length). The gold answer is wrapped in ``\\boxed{}`` unless it already
-holds ``\\boxed`` or ``$``-delimited math, and parsed with the same extraction.
+The gold answer is wrapped in ``\\boxed{}`` (without sentence punctuation at its end) unless it
+already holds ``\\boxed`` or ``$``-delimited math, and parsed with the same extraction; ``math_verify.verify`` with its defaults
+decides.
 
 Why worker processes: math-verify parses with sympy; a pathological answer (a power tower, 4,000
 nested brackets, a megabyte of digits) can take minutes inside a single C call that no signal
@@ -25,7 +35,8 @@ interrupts, and sympy's ``parse_expr`` evaluates Python. Each answer therefore r
 process (started with ``subprocess``, so the trainer's torch threads and ``__main__`` are never
 forked or re-imported) under a soft in-worker timer and a hard deadline: a worker still busy at
 ``timeout_s`` is killed and replaced, and its answer scores 0. A worker that dies scores 0 the same
-way; the batch always returns.
+way; the batch always returns. `MathVerifier.stats()` counts timeouts, worker deaths and answers
+filtered as code; training and evaluation log them (`verification_counts`).
 
 Custom verifiers plug in through the recipe config (``verifier._component_``): any callable
 ``(completions: list[str], answers: list[str]) -> list[float]`` works.
@@ -50,49 +61,117 @@ log = logging.getLogger(__name__)
 
 ANSWER_FORMATS = ("boxed", "answer_line")
 
-# Text that looks like Python, not math: never handed to sympy (whose parse_expr evaluates).
-_CODE_LIKE = re.compile(r"__|\bimport\b|\blambda\b|\beval\b|\bexec\b|\bos\.|\bsys\.")
-_BOX_OPENERS = ("\\boxed", "\\fbox")
-_ANSWER_LINE = re.compile(r"^\s*\**\s*Answer\s*\**\s*:\s*(.+?)\s*$", re.MULTILINE | re.IGNORECASE)
+# Python, not mathematics: never handed to the parser (sympy's parse_expr evaluates Python). Each
+# pattern is a code construct that LaTeX and prose do not produce: `\lambda`, and the words "lambda",
+# "import" or "eval" in a sentence, pass; `lambda x: ...`, `import os`, `eval(`, `__class__`, `os.system` do not.
+_CODE_LIKE = re.compile(
+    r"__[A-Za-z]\w*__"  # dunder names: __import__, __class__, __globals__, __builtins__
+    r"|(?<![\\\w])(?:eval|exec|compile|getattr|setattr|delattr|globals|breakpoint)\s*\("  # builtin calls
+    r"|(?<![\\\w])lambda(?:\s+[A-Za-z_*][\w\s,*]*)?:"  # a Python lambda (LaTeX's \lambda has a backslash)
+    r"|^[ \t]*(?:from[ \t]+[\w.]+[ \t]+import[ \t]+[\w.*]|import[ \t]+[\w.]+(?:[ \t]+as[ \t]+\w+)?[ \t]*$)"  # import statement
+    r"|(?<![\\\w])(?:os|sys|subprocess|shutil|builtins|importlib)\.[A-Za-z_]",  # module attribute access
+    re.MULTILINE,
+)
+_BOX_OPENER = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
+# "Answer: 5", "**Answer:** 5", "### Answer: 5"; the answer may also stand on the next non-empty line
+_ANSWER_LINE = re.compile(r"^[ \t]*(?:[*#]+[ \t]*)?Answer[ \t]*(?:\*+[ \t]*)?:[ \t]*\**([^\n]*)(?:\n\s*([^\n]+))?", re.MULTILINE | re.IGNORECASE)
+_MATH_DELIMITER = re.compile(r"(?<!\\)\$|\\\(|\\\[|\\boxed|\\fbox")
+# "The answer is 5", "x equals 5": plain words ending in is/are/equals/":" before the value
+_LEAD_IN = re.compile(r"^(?:[A-Za-z]+[ \t]+)*?(?:[A-Za-z]+[ \t]+(?:is|are|equals)|[A-Za-z]+[ \t]*:)[ \t]+")
+# "5 cm", "42 dollars", "\frac{3}{4} (in lowest terms)": words after a finished value (a digit, "}" or ")")
+_TRAILING_WORDS = re.compile(r"(?<=[\d})\]])(?:[ \t]+(?:[A-Za-z]{2,}|\([A-Za-z ,]+\)))(?:[ \t]+(?:[A-Za-z]+|\([A-Za-z ,]+\)))*$")
 _PLAIN_NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
 _DELIMITED_MATH = re.compile(r"^\s*(\$.*\$|\\\(.*\\\)|\\\[.*\\\])\s*$", re.DOTALL)
 
+# Why a completion scores 0 without being parsed (counted by MathVerifier, see `stats()`).
+CODE_LIKE = "code_like"
+CUT_OFF = "cut_off"
+
+
+def _without_sentence_end(text: str) -> str:
+    """`text` without trailing sentence punctuation or bold markers: "42." "42!" "42 **" -> "42".
+
+    LaTeX's spacing commands "\\," "\\;" "\\!" stay (a loop, not a regex: linear on any input).
+    """
+    while True:
+        text = text.rstrip()
+        if text.endswith("**"):
+            text = text[:-2]
+        elif text and text[-1] in ".,;!?" and text[-2:-1] != "\\":
+            text = text[:-1]
+        else:
+            return text
+
+
+def is_code_like(text: str) -> bool:
+    """True if `text` contains a Python construct (see `_CODE_LIKE`); such text is never parsed."""
+    return _CODE_LIKE.search(text) is not None
+
 
 # --------------------------------------------------------------------------- answer extraction
-def last_boxed(text: str) -> Optional[str]:
-    """Content of the last ``\\boxed{...}``/``\\fbox{...}`` with balanced braces (None if absent).
-
-    ``\\boxed 5`` (no braces, as some models write) gives "5".
-    """
-    start = max(text.rfind(opener) for opener in _BOX_OPENERS)
-    if start < 0:
-        return None
-    i = start + (len("\\boxed") if text.startswith("\\boxed", start) else len("\\fbox"))
-    if text.startswith(" ", i):
-        rest = text[i + 1 :].split("$")[0].strip()
-        return rest.split()[0] if rest else None
-    if not text.startswith("{", i):
-        return None
+def _box_content_end(text: str, open_brace: int) -> Optional[int]:
+    """Index of the "}" closing the "{" at `open_brace` (None if the text ends first)."""
     depth = 0
-    for j in range(i, len(text)):
+    for j in range(open_brace, len(text)):
         if text[j] == "{":
             depth += 1
         elif text[j] == "}":
             depth -= 1
             if depth == 0:
-                return text[i + 1 : j]
-    return None  # unbalanced: the answer was cut off
+                return j
+    return None
+
+
+def from_last_box(text: str) -> Optional[str]:
+    """`text` from its last ``\\boxed``/``\\fbox`` on, as math-verify should read it.
+
+    Returns `text` unchanged when it has no box, and None when the last box was cut off (no
+    closing brace: the answer is incomplete). ``\\fbox`` is spelt ``\\boxed`` (math-verify's
+    patterns look for ``\\boxed``); a box without braces (``\\boxed 42.``, as some models write)
+    gets them around its first word, without sentence punctuation.
+    """
+    openers = list(_BOX_OPENER.finditer(text))
+    if not openers:
+        return text
+    last = openers[-1]
+    rest = text[last.end() :]
+    stripped = rest.lstrip()
+    if stripped.startswith("{"):
+        brace = len(text) - len(stripped)
+        if _box_content_end(text, brace) is None:
+            return None
+        return "\\boxed" + text[brace:]
+    word = re.match(r"[^\s$]*", stripped).group()
+    value = _without_sentence_end(word)
+    return "\\boxed{" + value + "}" + stripped[len(word) :] if value else None
+
+
+def last_boxed(text: str) -> Optional[str]:
+    """Content of the last ``\\boxed{...}``/``\\fbox{...}`` (None if there is none or it was cut off)."""
+    cut = from_last_box(text) if _BOX_OPENER.search(text) else None
+    if cut is None:
+        return None
+    return cut[len("\\boxed{") : _box_content_end(cut, len("\\boxed"))]
 
 
 def last_answer_line(text: str) -> Optional[str]:
-    """The text after ``Answer:`` on the last such line, without surrounding ``$`` (None if absent)."""
+    """What follows ``Answer:`` on the last such line, as math-verify should read it (None if absent).
+
+    Delimited math (``$...$``, ``\\(...\\)``, ``\\boxed{}``) goes to math-verify's own extraction as
+    written, words around it included. A bare answer is boxed, without what is not part of the
+    value: sentence punctuation at the end ("42."), a lead-in ("The answer is 5") and words after a
+    finished value ("5 cm", "(in lowest terms)").
+    """
     matches = _ANSWER_LINE.findall(text)
     if not matches:
         return None
-    answer = matches[-1].strip()
-    if len(answer) >= 2 and answer.startswith("$") and answer.endswith("$"):
-        answer = answer.strip("$").strip()
-    return answer or None
+    same_line, next_line = (part.strip() for part in matches[-1])
+    answer = same_line or next_line
+    if _MATH_DELIMITER.search(answer):
+        return from_last_box(answer)
+    value = _LEAD_IN.sub("", _without_sentence_end(answer), count=1)
+    value = _without_sentence_end(_TRAILING_WORDS.sub("", value))
+    return "\\boxed{" + value + "}" if value else None
 
 
 def _extraction_targets():
@@ -108,26 +187,35 @@ def _parse(text: str, timeout: Optional[int]) -> list:
 
 
 def _gold_text(answer: str) -> str:
+    """The gold answer as math-verify reads it: delimited math as written, a bare answer boxed
+    without sentence punctuation at its end (datasets carry "7\\text{ hours}." and "\\text{(E)},")."""
     if "\\boxed" in answer or _DELIMITED_MATH.match(answer):
         return answer
-    return "\\boxed{" + answer + "}"
+    return "\\boxed{" + _without_sentence_end(answer) + "}"
 
 
-def prediction_text(completion: str, answer_format: str, max_completion_chars: int) -> Optional[str]:
-    """The text of `completion` that gets parsed, per the convention in the module docstring.
-
-    None means "scores 0 without parsing" (code-like text).
-    """
+def _prediction(completion: str, answer_format: str, max_completion_chars: int) -> tuple[Optional[str], Optional[str]]:
+    """(text to parse, None) or (None, why it scores 0 unparsed: CODE_LIKE or CUT_OFF)."""
     if answer_format not in ANSWER_FORMATS:
         raise ValueError(f"answer_format must be one of {ANSWER_FORMATS}, got {answer_format!r}")
     tail = completion[-max_completion_chars:] if max_completion_chars > 0 else completion
-    extracted = last_answer_line(tail) if answer_format == "answer_line" else None
-    if extracted is None:
-        extracted = last_boxed(tail)
-    text = tail if extracted is None else "\\boxed{" + extracted + "}"
-    if _CODE_LIKE.search(extracted if extracted is not None else tail[-200:]):
-        return None
-    return text
+    if answer_format == "answer_line" and _ANSWER_LINE.search(tail):
+        text = last_answer_line(tail)
+    else:
+        text = from_last_box(tail)
+    if text is None:
+        return None, CUT_OFF
+    if is_code_like(text):
+        return None, CODE_LIKE
+    return text, None
+
+
+def prediction_text(completion: str, answer_format: str, max_completion_chars: int) -> Optional[str]:
+    """The text of `completion` that math-verify parses, per the convention in the module docstring.
+
+    None means "scores 0 without parsing" (code-like text, or a last answer that was cut off).
+    """
+    return _prediction(completion, answer_format, max_completion_chars)[0]
 
 
 def score_one(
@@ -143,18 +231,23 @@ def score_one(
     In-process and unguarded: use `MathVerifier` for untrusted text. `mv_timeout` is math-verify's
     own signal timeout (main thread only); None disables it.
     """
+    return _score(completion, answer, answer_format, max_completion_chars, mv_timeout)[0]
+
+
+def _score(completion, answer, answer_format, max_completion_chars, mv_timeout) -> tuple[float, Optional[str]]:
+    """(score, why it was not parsed: CODE_LIKE, CUT_OFF or None)."""
     from math_verify import verify
 
-    text = prediction_text(completion, answer_format, max_completion_chars)
+    text, skipped = _prediction(completion, answer_format, max_completion_chars)
     if text is None:
-        return 0.0
+        return 0.0, skipped
     gold = _parse(_gold_text(str(answer)), mv_timeout)
     if not gold:
-        return 0.0
+        return 0.0, None
     pred = _parse(text, mv_timeout)
     if not pred:
-        return 0.0
-    return 1.0 if verify(gold, pred, timeout_seconds=mv_timeout) else 0.0
+        return 0.0, None
+    return (1.0 if verify(gold, pred, timeout_seconds=mv_timeout) else 0.0), None
 
 
 def unparseable_gold_answers(answers: Iterable[str], *, timeout_s: float = 5.0) -> list[int]:
@@ -176,7 +269,7 @@ def unparseable_gold_answers(answers: Iterable[str], *, timeout_s: float = 5.0) 
             continue  # nearly every DAPO/GSM8K answer: skip the parser
         if text not in verdicts:
             # math-verify falls back to the raw string when sympy fails: then only an identical string matches
-            parsed = _parse(_gold_text(text), timeout) if text and not _CODE_LIKE.search(text) else []
+            parsed = _parse(_gold_text(text), timeout) if text and not is_code_like(text) else []
             verdicts[text] = any(not isinstance(p, str) for p in parsed)
         if not verdicts[text]:
             bad.append(i)
@@ -211,12 +304,10 @@ def _worker_main() -> None:
         result = {"score": 0.0}
         signal.setitimer(signal.ITIMER_REAL, task["soft_timeout_s"])
         try:
-            result["score"] = score_one(
-                task["completion"],
-                task["answer"],
-                answer_format=task["answer_format"],
-                max_completion_chars=0,  # the parent already cut it
-            )
+            # max_completion_chars=0: the parent already cut the completion
+            result["score"], skipped = _score(task["completion"], task["answer"], task["answer_format"], 0, None)
+            if skipped:
+                result["skipped"] = skipped
         except _SoftTimeout:
             result["timed_out"] = True
         except Exception:  # noqa: BLE001  (any parser failure means "not verified")
@@ -227,7 +318,7 @@ def _worker_main() -> None:
 
 
 class _Worker:
-    """One verification subprocess, its pipes, and the task it is working on."""
+    """One verification subprocess, its pipes, and the answers sent to it (in order, head first)."""
 
     def __init__(self, memory_limit_mb: Optional[int]):
         env = dict(os.environ)
@@ -240,19 +331,34 @@ class _Worker:
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             env=env,
+            cwd=root,  # `python -c` puts the working directory first on sys.path: import this polopt, not one found there
             text=True,
             bufsize=1,
             preexec_fn=_limit_memory(memory_limit_mb) if memory_limit_mb else None,
         )
         self.ready = False
-        self.task: Optional[int] = None
-        self.deadline = 0.0
+        self.tasks: deque[int] = deque()
+        self.deadline = 0.0  # for the head of `tasks`
+        self._unread = b""
 
     def send(self, index: int, payload: dict, timeout_s: float) -> None:
-        self.task = index
         self.proc.stdin.write(json.dumps(payload) + "\n")
         self.proc.stdin.flush()
-        self.deadline = time.monotonic() + timeout_s
+        self.tasks.append(index)
+        if len(self.tasks) == 1:
+            self.deadline = time.monotonic() + timeout_s
+
+    def read_lines(self) -> Optional[list[str]]:
+        """The complete lines the worker has written since the last call; None once it has exited.
+
+        Reads the pipe directly: a buffered reader could hold a second result that select() would
+        then never report.
+        """
+        data = os.read(self.proc.stdout.fileno(), 1 << 16)
+        if not data:
+            return None
+        *lines, self._unread = (self._unread + data).split(b"\n")
+        return [line.decode() for line in lines]
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -294,6 +400,9 @@ class MathVerifier:
     # parses without losing the worker; the hard kill at timeout_s covers the rest.
     soft_timeout_fraction = 0.8
     max_failed_starts = 3
+    # answers queued per worker: the next one is already in its pipe when it finishes one, so a
+    # worker never waits for the parent to be scheduled (a busy machine delays that by milliseconds)
+    tasks_per_worker = 2
 
     def __init__(
         self,
@@ -318,8 +427,10 @@ class MathVerifier:
         self.memory_limit_mb = memory_limit_mb
         self._workers: list[_Worker] = []
         self._failed_starts = 0
+        self.num_verified = 0
         self.num_timeouts = 0
         self.num_worker_deaths = 0
+        self.num_filtered_as_code = 0
 
     # pickles as config only: a pool of live processes cannot cross a process boundary
     def __getstate__(self) -> dict:
@@ -345,6 +456,19 @@ class MathVerifier:
             worker.kill()
         self._workers = []
 
+    def stats(self) -> dict[str, float]:
+        """Counts since construction, under the metric names training and evaluation log them with.
+
+        `verify/timeouts`, `verify/worker_deaths` and `verify/filtered_as_code` are answers that
+        scored 0 without math-verify's verdict (see `verification_counts`).
+        """
+        return {
+            "verify/answers": float(self.num_verified),
+            "verify/timeouts": float(self.num_timeouts),
+            "verify/worker_deaths": float(self.num_worker_deaths),
+            "verify/filtered_as_code": float(self.num_filtered_as_code),
+        }
+
     def __repr__(self) -> str:
         return (
             f"MathVerifier(timeout_s={self.timeout_s}, num_workers={self.num_workers}, "
@@ -358,45 +482,48 @@ class MathVerifier:
             )
         if not completions:
             return []
+        self.num_verified += len(completions)
         scores = [0.0] * len(completions)
         pending = deque(range(len(completions)))
-        payloads = {}
         while len(self._workers) < self.num_workers:
             self._workers.append(_Worker(self.memory_limit_mb))
         selector = selectors.DefaultSelector()
         for worker in self._workers:
             selector.register(worker.proc.stdout, selectors.EVENT_READ, worker)
         try:
-            while pending or any(w.task is not None for w in self._workers):
+            while pending or any(w.tasks for w in self._workers):
                 for worker in self._workers:
-                    if worker.ready and worker.task is None and pending:
+                    while worker.ready and len(worker.tasks) < self.tasks_per_worker and pending:
                         i = pending.popleft()
-                        payloads[i] = {
+                        payload = {
                             "completion": str(completions[i])[-self.max_completion_chars :],
                             "answer": str(answers[i]),
                             "answer_format": self.answer_format,
                             "soft_timeout_s": self.soft_timeout_fraction * self.timeout_s,
                         }
                         try:
-                            worker.send(i, payloads[i], self.timeout_s)
-                        except (BrokenPipeError, OSError):
-                            self._replace(selector, worker, reason="died")
-                busy = [w.deadline for w in self._workers if w.task is not None]
+                            worker.send(i, payload, self.timeout_s)
+                        except (BrokenPipeError, OSError):  # it died between answers: answer i scores 0
+                            log.warning(f"MathVerifier: worker died before answer {i}; scored 0, worker replaced")
+                            self.num_worker_deaths += 1
+                            self._replace(selector, worker, pending, reason="died")
+                            break
+                busy = [w.deadline for w in self._workers if w.tasks]
                 wait = max(0.0, min(busy) - time.monotonic()) if busy else self.timeout_s
                 for key, _ in selector.select(timeout=wait):
-                    self._receive(selector, key.data, scores)
+                    self._receive(selector, key.data, scores, pending)
                 now = time.monotonic()
                 for worker in list(self._workers):
-                    if worker.task is not None and now >= worker.deadline:
+                    if worker.tasks and now >= worker.deadline:
                         self.num_timeouts += 1
-                        self._replace(selector, worker, reason=f"timed out after {self.timeout_s:g}s")
+                        self._replace(selector, worker, pending, reason=f"timed out after {self.timeout_s:g}s")
         finally:
             selector.close()
         return scores
 
-    def _receive(self, selector, worker: _Worker, scores: list[float]) -> None:
-        line = worker.proc.stdout.readline()
-        if not line:
+    def _receive(self, selector, worker: _Worker, scores: list[float], pending: deque) -> None:
+        lines = worker.read_lines()
+        if lines is None:
             self.num_worker_deaths += 1
             if not worker.ready:
                 self._failed_starts += 1
@@ -405,27 +532,46 @@ class MathVerifier:
                         f"MathVerifier: {self._failed_starts} worker processes exited before becoming ready; "
                         f"check that `{sys.executable} -c 'import polopt.verify, math_verify'` works"
                     )
-            self._replace(selector, worker, reason=f"died (exit code {worker.proc.poll()})")
+            self._replace(selector, worker, pending, reason=f"died (exit code {worker.proc.poll()})")
             return
-        message = json.loads(line)
-        if message.get("ready"):
-            worker.ready = True
-            self._failed_starts = 0
-            return
-        if message.get("timed_out"):
-            self.num_timeouts += 1
-            log.warning(f"MathVerifier: answer {worker.task} timed out (cooperative timer); scored 0")
-        scores[worker.task] = float(message["score"])
-        worker.task = None
+        for line in lines:
+            message = json.loads(line)
+            if message.get("ready"):
+                worker.ready = True
+                self._failed_starts = 0
+                continue
+            task = worker.tasks.popleft()
+            if message.get("timed_out"):
+                self.num_timeouts += 1
+                log.warning(f"MathVerifier: answer {task} timed out (cooperative timer); scored 0")
+            if message.get("skipped") == CODE_LIKE:
+                self.num_filtered_as_code += 1
+            scores[task] = float(message["score"])
+            worker.deadline = time.monotonic() + self.timeout_s  # for the next answer, if one was sent
 
-    def _replace(self, selector, worker: _Worker, *, reason: str) -> None:
-        if worker.task is not None:
-            log.warning(f"MathVerifier: worker {reason} on answer {worker.task}; scored 0, worker replaced")
+    def _replace(self, selector, worker: _Worker, pending: deque, *, reason: str) -> None:
+        """Kill `worker` and start another: its current answer scores 0, the ones queued behind it go back to `pending`."""
+        if worker.tasks:
+            log.warning(f"MathVerifier: worker {reason} on answer {worker.tasks[0]}; scored 0, worker replaced")
+            pending.extendleft(reversed(list(worker.tasks)[1:]))
         selector.unregister(worker.proc.stdout)
         worker.kill()
         fresh = _Worker(self.memory_limit_mb)
         self._workers[self._workers.index(worker)] = fresh
         selector.register(fresh.proc.stdout, selectors.EVENT_READ, fresh)
+
+
+def verification_counts(verifier, since: Optional[dict[str, float]] = None) -> dict[str, float]:
+    """`verifier.stats()` minus `since` (an earlier `stats()`), or {} for a verifier without `stats()`.
+
+    How callers see that verification, not the model, failed: training logs the counts of each
+    rollout (polopt.filtering), evaluation writes them beside avg@k (polopt.evaluation).
+    """
+    stats = getattr(verifier, "stats", None)
+    if stats is None:
+        return {}
+    now = stats()
+    return {name: value - (since or {}).get(name, 0.0) for name, value in now.items()}
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ def test_evaluate_writes_avg_and_pass_at_k_per_dataset(tmp_path):
     assert 0 <= arith["avg_at_k"] <= arith["pass_at_k"] <= 1
     # The base tiny model solves some arithmetic (its base pass@1 is ~0.3), so the path is live.
     assert arith["correct"] > 0
+    # the verifier's counts reach eval.json, so a failing verifier is not mistaken for a failing model
+    assert arith["verify/answers"] == 24 * 3 and arith["verify/timeouts"] == 0 and arith["verify/worker_deaths"] == 0
     assert results["math500"]["n_questions"] == 6
     assert results["math500"]["sampling"]["max_new_tokens"] == 64
     table = (tmp_path / "eval.md").read_text()

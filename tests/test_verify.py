@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, strategies as st
 
-from polopt.verify import MathVerifier, last_boxed, unparseable_gold_answers
+from polopt.verify import MathVerifier, is_code_like, last_boxed, unparseable_gold_answers
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TIMEOUT_S = 1.0
@@ -51,25 +51,6 @@ def test_agrees_with_labelled_completions(default_verifier):
         assert agree >= 0.99, (sample[0]["dataset"], agree)
 
 
-@pytest.mark.skipif(
-    not (SHARED_DATA / "verifier_answer_pairs_mathverify.jsonl").exists(), reason="../shared/data is not present"
-)
-def test_agrees_with_math_verify_own_test_tables(default_verifier):
-    """Rows run with math-verify's default config (LaTeX + expressions, no precision/strict overrides)
-    and at most one \\boxed{} (with several, math-verify scores the set and we score the last one)."""
-    rows = [
-        r
-        for r in _jsonl("verifier_answer_pairs_mathverify.jsonl")
-        if not r["extra_params"]
-        and ("['latex', 'expr']" in r["harness_call"] or r["harness_call"].startswith("verify("))
-        and r["pred"].count("\\boxed") <= 1
-    ]
-    assert len(rows) > 100
-    scores = default_verifier([r["pred"] for r in rows], [r["gold"] for r in rows])
-    agree = sum(s == float(r["expected"]) for s, r in zip(scores, rows)) / len(rows)
-    assert agree >= 0.99, agree
-
-
 # --------------------------------------------------------------------------- the convention
 def test_last_boxed_answer_is_the_one_scored(verifier):
     hedge = "First I got \\boxed{3}, but rechecking, the answer is \\boxed{4}."
@@ -78,8 +59,49 @@ def test_last_boxed_answer_is_the_one_scored(verifier):
     assert last_boxed("cut off \\boxed{\\frac{1}{2}") is None
 
 
+def test_issue_13_examples_keep_math_verify_verdict(verifier):
+    """The inputs of issue 13 that the pre-processing used to turn from 1 into 0 (or 0 into 1)."""
+    cases = [
+        ("$\\boxed{2\\lambda}$", "2\\lambda", 1.0),  # LaTeX \lambda is not Python's lambda
+        ("We import the identity and get \\boxed{7}", "7", 1.0),
+        ("The import of this is that the answer is 12", "12", 1.0),  # unboxed prose with "import"
+        ("so \\boxed 42.", "42", 1.0),  # a box without braces drops the full stop
+        ("I get \\boxed{6}. Hmm, no: it is \\boxed{8", "6", 0.0),  # a cut-off last box is not the earlier one
+        ("I get \\boxed{6}. Hmm, no: it is \\boxed{8", "8", 0.0),
+        ("$\\boxed{255}$ So, $10,200 + $255. Final Answer: The final answer is $10,455$. I hope it is correct.", "10455", 1.0),
+    ]
+    completions, golds, expected = zip(*cases)
+    assert verifier(list(completions), list(golds)) == list(expected)
+
+
+def test_issue_13_answer_lines_score_their_value():
+    lines = ["Answer: 42.", "Answer: -7.", "Answer: 1/2.", "Answer: The answer is 5", "Answer: $\\frac{3}{4}$ (in lowest terms)",
+             "**Answer:** 12", "Answer:\n$9$", "Answer: 5 cm"]
+    golds = ["42", "-7", "\\frac{1}{2}", "5", "\\frac34", "12", "9", "5"]
+    with MathVerifier(timeout_s=5.0, num_workers=2, answer_format="answer_line") as v:
+        assert v(lines, golds) == [1.0] * len(lines)
+        assert v(lines, ["0"] * len(lines)) == [0.0] * len(lines)
+
+
+@pytest.mark.parametrize("text", [
+    "__import__('os').system('ls')", "().__class__.__bases__[0]", "eval(\"1+1\")", "exec ('x=1')",
+    "lambda x: x + 1", "f = lambda: 0", "import os", "from subprocess import run", "os.system('ls')",
+    "sys.exit(0)", "getattr(obj, 'x')",
+])
+def test_code_is_code_like(text):
+    assert is_code_like(text)
+
+
+@pytest.mark.parametrize("text", [
+    "\\boxed{2\\lambda}", "\\lambda_1 + \\lambda_2 = 3", "the eigenvalue lambda is 2", "We import the lemma",
+    "the import of this result", "to evaluate (3+4)", "\\cos x + \\sin x", "this costs 5 dollars", "a__b", "x_{1}__{2}",
+])
+def test_mathematics_and_prose_are_not_code_like(text):
+    assert not is_code_like(text)
+
+
 def test_gold_is_wrapped_unless_already_math(verifier):
-    golds = ["\\frac{1}{2}", "$\\frac{1}{2}$", "\\boxed{\\frac12}", "0.5", "1/2"]
+    golds = ["\\frac{1}{2}", "$\\frac{1}{2}$", "\\boxed{\\frac12}", "0.5", "1/2", "0.5.", "\\frac{1}{2},"]
     assert verifier(["so \\boxed{0.5}"] * len(golds), golds) == [1.0] * len(golds)
 
 
@@ -193,6 +215,18 @@ def test_pickles_as_config_and_closes_its_processes():
     clone.close()
 
 
+def test_workers_import_this_polopt_whatever_the_working_directory(tmp_path, monkeypatch):
+    """`python -c` puts the working directory first on sys.path; a polopt found there (another
+    checkout) must not be the one the workers run."""
+    impostor = tmp_path / "polopt"
+    impostor.mkdir()
+    (impostor / "__init__.py").write_text("")
+    (impostor / "verify.py").write_text("def _worker_main():\n    print('{\"ready\": true}')\n    for _ in iter(input, None):\n        print('{\"score\": 1.0}')\n")
+    monkeypatch.chdir(tmp_path)
+    with MathVerifier(timeout_s=TIMEOUT_S, num_workers=1) as v:
+        assert v(["\\boxed{2}"], ["3"]) == [0.0]
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="answer_format"):
         MathVerifier(answer_format="last_number")
@@ -207,7 +241,42 @@ def test_bad_arguments_are_named():
 
 
 def test_unparseable_gold_answers_lists_indices():
-    assert unparseable_gold_answers(["3", "\\frac{1}{2}", "\\frac{", "", "x^2+1", "-0.5", "__import__('os')"]) == [2, 3, 6]
+    answers = ["3", "\\frac{1}{2}", "\\frac{", "", "x^2+1", "-0.5", "__import__('os')", "2\\lambda", "7\\text{ hours}."]
+    assert unparseable_gold_answers(answers) == [2, 3, 6]
+
+
+def test_counters_reach_sampler_metrics_and_evaluation():
+    """Timeouts and answers filtered as code show up where a user looks: the sampler's metrics
+    and what evaluate_prompts returns (eval.json). The engine is a stand-in that returns fixed text."""
+    from polopt.batch import Completion
+    from polopt.evaluation import evaluate_prompts, merge_counts
+    from polopt.filtering import DynamicSampler
+    from polopt.rollout import SamplingParams
+
+    texts = ["\\boxed{1}", "\\boxed{__import__('os')}", "\\boxed{2}", "The answer is 9**9**9**9"]
+
+    class FixedEngine:
+        def generate(self, prompt_ids, num_samples, params):
+            return [[Completion([5], [-0.1], truncated=False, text=t) for t in texts[:num_samples]] for _ in prompt_ids]
+
+    class Stream:
+        def next_batch(self, n=None):
+            return [{"prompt": "q", "prompt_ids": [1], "answer": "1", "source": "t:1"}]
+
+    with MathVerifier(timeout_s=TIMEOUT_S, num_workers=2) as v:
+        sampler = DynamicSampler(Stream(), FixedEngine(), v, num_prompts=1, num_samples=4,
+                                 sampling_params=SamplingParams(max_new_tokens=4), max_gen_batches=1)
+        _, metrics = sampler.sample()
+        assert metrics["verify/answers"] == 4 and metrics["verify/filtered_as_code"] == 1
+        assert metrics["verify/timeouts"] == 1 and metrics["verify/worker_deaths"] == 0
+        scores = evaluate_prompts(FixedEngine(), v, [{"prompt_ids": [1], "answer": "2"}] * 2, k=3,
+                                  params=SamplingParams(max_new_tokens=4))
+        assert scores["verify/answers"] == 6 and scores["verify/filtered_as_code"] == 2 and scores["verify/timeouts"] == 0
+        assert scores["avg_at_k"] == pytest.approx(1 / 3)
+        assert merge_counts([scores, scores])["verify/filtered_as_code"] == 4
+    custom = evaluate_prompts(FixedEngine(), lambda c, a: [0.0] * len(c), [{"prompt_ids": [1], "answer": "2"}], k=1,
+                              params=SamplingParams(max_new_tokens=4))
+    assert not any(name.startswith("verify/") for name in custom)  # a verifier without stats() adds nothing
 
 
 class ExactMatchVerifier:
