@@ -344,3 +344,37 @@ def locate_key(config_path: str | Path, dotted: str) -> Optional[int]:
                 return lineno
         stack.append((indent, key))
     return None
+
+
+# What a run *is*: `resume=true` refuses to continue a run with other values for these (unless
+# `resume_allow_changes=true`). max_steps, logging, checkpointing, validation and the engine may change.
+RESUME_FIXED_KEYS = (
+    "loss",
+    "loss_args.<loss>",
+    "seed",
+    "model",
+    "optimizer",
+    "dataset",
+    "rollout.num_prompts",
+    "rollout.num_samples",
+    "rollout.temperature",
+    "rollout.top_p",
+    "rollout.top_k",
+    "rollout.max_new_tokens",
+    "filter",
+    "num_minibatches",
+    "recompute_old_logprobs",
+)
+
+
+def describe_user_error(error: Exception, argv: list[str]) -> str:
+    """`error: <config file>:<line>: <message>` for a key written in the config file, else
+    `error: <message>`; always one line."""
+    message = " ".join(str(error).split())
+    key = getattr(error, "key", None)
+    config_path = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else None
+    if key and config_path:
+        line = locate_key(config_path, key)
+        if line is not None:
+            return f"error: {config_path}:{line}: {message}"
+    return f"error: {message}"

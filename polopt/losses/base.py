@@ -45,6 +45,8 @@ class PolicyLoss(nn.Module):
     """
 
     name: ClassVar[str] = ""
+    # The metric that best shows this loss at work, shown on the recipe's progress bar.
+    progress_metric: ClassVar[Optional[str]] = None
     normalizer_kind: str = "none"
     max_response_len: Optional[int] = None
     kl_coef: float = 0.0

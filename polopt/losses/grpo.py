@@ -24,6 +24,8 @@ from polopt.losses.registry import register_loss
 
 @register_loss("grpo")
 class GRPOLoss(TokenLevelLoss):
+    progress_metric = "clip_frac"
+
     def __init__(
         self,
         clip_low: float = 0.2,

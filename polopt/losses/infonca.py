@@ -36,6 +36,7 @@ def group_log_softmax(logits: torch.Tensor, index: torch.Tensor, num_groups: int
 @register_loss("infonca")
 class InfoNCALoss(PolicyLoss):
     normalizer_kind = "groups"
+    progress_metric = "positive_prob_mass"
 
     def __init__(self, beta: float = 0.1, sft_coef: float = 0.0) -> None:
         super().__init__()
