@@ -71,6 +71,34 @@ def load_latest_training_state(output_dir: str | Path) -> Optional[dict[str, Any
     return torch.load(checkpoints[-1], map_location="cpu", weights_only=False)
 
 
+def load_hf_model(checkpointer_cfg) -> tuple[Any, dict[str, torch.Tensor]]:
+    """(checkpointer, torchtune state dict) of the HF model folder `checkpointer_cfg.checkpoint_dir`,
+    through `torchtune.config.instantiate(checkpointer_cfg)`. Its output folder is a scratch one
+    that is removed after loading (reading a model writes nothing). A folder that is not an HF
+    model, or that lacks the configured weight files, is a `ConfigError` naming the key to set."""
+    from torchtune import config, training
+
+    from polopt.errors import ConfigError
+
+    checkpoint_dir = Path(str(checkpointer_cfg.get("checkpoint_dir", "")))
+    if not (checkpoint_dir / "config.json").is_file():
+        what = "no such folder" if not checkpoint_dir.is_dir() else "not an HF model folder (no config.json)"
+        raise ConfigError(f"model_dir / checkpointer.checkpoint_dir={checkpoint_dir}: {what} (resolved: "
+                          f"{checkpoint_dir.resolve()}); set model_dir to an HF model folder", "model_dir")
+    scratch = tempfile.mkdtemp(prefix="polopt-checkpointer-")
+    try:
+        checkpointer = config.instantiate(checkpointer_cfg, output_dir=scratch)
+        return checkpointer, checkpointer.load_checkpoint()[training.MODEL_KEY]
+    except ValueError as e:  # torchtune: "No file with name: ... found in ..."
+        if "No file with name" not in str(e):
+            raise
+        present = sorted(p.name for p in checkpoint_dir.glob("*.safetensors")) or "none"
+        raise ConfigError(f"{e}; *.safetensors there: {present}; set checkpointer.checkpoint_files",
+                          "checkpointer.checkpoint_files") from e
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 # What an HF model directory holds besides its weights; anything else in the base model's folder
 # (its data files, its evaluation results, its README) describes the base model, not this one.
 HF_MODEL_FILES = (

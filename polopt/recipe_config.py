@@ -23,16 +23,8 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from polopt.errors import UserError
+from polopt.errors import ConfigError, UserError  # noqa: F401 - re-exported: the recipes raise ConfigError
 from polopt.prompts import TOO_LONG_POLICIES
-
-
-class ConfigError(UserError):
-    """A config key is unknown, missing, or has the wrong type. `key` is its dotted name."""
-
-    def __init__(self, message: str, key: Optional[str] = None) -> None:
-        super().__init__(message)
-        self.key = key
 
 
 _NUMBER = (int, float)
@@ -373,7 +365,8 @@ def describe_user_error(error: Exception, argv: list[str]) -> str:
     message = " ".join(str(error).split())
     key = getattr(error, "key", None)
     config_path = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else None
-    if key and config_path:
+    on_command_line = key and any(arg.split("=", 1)[0] == key for arg in argv)
+    if key and config_path and not on_command_line:
         line = locate_key(config_path, key)
         if line is not None:
             return f"error: {config_path}:{line}: {message}"

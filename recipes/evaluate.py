@@ -19,9 +19,7 @@ checked (`polopt.recipe_config.validate_eval_config`): a typo is an error, not a
 from __future__ import annotations
 
 import json
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict
 from functools import partial
@@ -31,6 +29,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torchtune import config, training, utils
 
+from polopt.checkpoint import load_hf_model
 from polopt.errors import UserError
 from polopt.evaluation import evaluate_prompts
 from polopt.prompts import PromptDataset, load_rows
@@ -52,13 +51,16 @@ class EvaluateRecipe:
 
     def setup(self) -> None:
         cfg = self.cfg
+        native = cfg.rollout.engine._component_.endswith("NativeRolloutEngine")
+        if native:  # first: a wrong model_dir shows up as a missing tokenizer file otherwise
+            _, state = load_hf_model(cfg.checkpointer)
         self.tokenizer = config.instantiate(cfg.tokenizer)
         decode = partial(self.tokenizer.decode, skip_special_tokens=True)
         engine_cfg = cfg.rollout.engine
-        if engine_cfg._component_.endswith("NativeRolloutEngine"):
+        if native:
             with training.set_default_dtype(self.dtype), self.device:
                 self.model = config.instantiate(cfg.model)
-            self.model.load_state_dict(self._load_weights())
+            self.model.load_state_dict(state)
             self.model.eval()
             self.engine = config.instantiate(engine_cfg, model=self.model, pad_id=self.tokenizer.pad_id, decode=decode)
             max_seq_len = self.model.max_seq_len
@@ -85,24 +87,6 @@ class EvaluateRecipe:
         if max_seq_len:
             dataset.check_fits(cfg.max_new_tokens, max_seq_len, max_new_tokens_key="max_new_tokens")
         return entry.name or Path(str(entry.source)).stem, entry, dataset
-
-    def _load_weights(self) -> dict:
-        """Through the config's checkpointer, with a scratch output folder (loading writes nothing)."""
-        checkpoint_dir = Path(self.cfg.checkpointer.get("checkpoint_dir", self.cfg.model_dir or ""))
-        if not (checkpoint_dir / "config.json").is_file():
-            raise ConfigError(f"model_dir={checkpoint_dir} is not an HF model folder (no config.json there; resolved: "
-                              f"{checkpoint_dir.resolve()}); set model_dir", "model_dir")
-        scratch = tempfile.mkdtemp(prefix="polopt-checkpointer-")
-        try:
-            return config.instantiate(self.cfg.checkpointer, output_dir=scratch).load_checkpoint()[training.MODEL_KEY]
-        except ValueError as e:  # torchtune: "No file with name: ... found in ..."
-            if "No file with name" not in str(e):
-                raise
-            present = sorted(p.name for p in checkpoint_dir.glob("*.safetensors")) or "none"
-            raise ConfigError(f"{e}; *.safetensors there: {present}; set checkpointer.checkpoint_files",
-                              "checkpointer.checkpoint_files") from e
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
 
     def evaluate(self) -> dict:
         cfg = self.cfg

@@ -30,7 +30,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -44,7 +43,7 @@ from torchtune.recipe_interfaces import FTRecipeInterface
 from tqdm import tqdm
 
 from polopt.batch import RolloutBatch
-from polopt.checkpoint import load_latest_training_state, save_hf_model, save_training_state
+from polopt.checkpoint import load_hf_model, load_latest_training_state, save_hf_model, save_training_state
 from polopt.evaluation import evaluate_prompts, merge_counts
 from polopt.filtering import DynamicSampler
 from polopt.losses import get_loss, global_normalizer
@@ -143,7 +142,7 @@ class OnlineRLRecipe(FTRecipeInterface):
     def setup(self, cfg: Optional[DictConfig] = None) -> None:
         cfg = self.cfg
         self.loss_fn = self._setup_loss(cfg)
-        model_state = self._load_base_weights(cfg)
+        self._checkpointer, model_state = load_hf_model(cfg.checkpointer)
         self.tokenizer = config.instantiate(cfg.tokenizer)
         self.model = self._setup_model(cfg, model_state)
         self.optimizer = config.instantiate(cfg.optimizer, self.model.parameters())
@@ -185,28 +184,6 @@ class OnlineRLRecipe(FTRecipeInterface):
             # Dr.GRPO's L must be a constant of the run, not the longest answer of each batch/rank.
             loss_fn.max_response_len = cfg.rollout.max_new_tokens
         return loss_fn
-
-    def _load_base_weights(self, cfg: DictConfig) -> dict[str, torch.Tensor]:
-        """The starting weights through the config's checkpointer. Its scratch output folder is a
-        temporary one: loading writes nothing, and `final/` is written by `save_hf_model`."""
-        checkpoint_dir = Path(cfg.checkpointer.get("checkpoint_dir", cfg.get("model_dir") or ""))
-        if not checkpoint_dir.is_dir():
-            raise ConfigError(f"model_dir / checkpointer.checkpoint_dir={checkpoint_dir}: no such folder "
-                              f"(resolved: {checkpoint_dir.resolve()}); set model_dir to an HF model folder", "model_dir")
-        scratch = tempfile.mkdtemp(prefix="polopt-checkpointer-")
-        try:
-            self._checkpointer = config.instantiate(cfg.checkpointer, output_dir=scratch)
-            return self._checkpointer.load_checkpoint()[training.MODEL_KEY]
-        except ValueError as e:  # torchtune: "No file with name: ... found in ..."
-            if "No file with name" not in str(e):
-                raise
-            present = sorted(p.name for p in checkpoint_dir.glob("*.safetensors")) or "none"
-            raise ConfigError(f"{e}; *.safetensors there: {present}; set checkpointer.checkpoint_files",
-                              "checkpointer.checkpoint_files") from e
-        except FileNotFoundError as e:
-            raise ConfigError(f"{checkpoint_dir} is not an HF model folder ({e}); set model_dir", "model_dir") from e
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
 
     def _setup_model(self, cfg: DictConfig, model_state: dict[str, torch.Tensor]) -> torch.nn.Module:
         with training.set_default_dtype(self._dtype), torch.device("meta" if self._distributed else self._device):
