@@ -189,7 +189,7 @@ def _validate_section(cfg: DictConfig, schema: dict[str, Any], prefix: str) -> N
 
 def _fill_defaults(cfg: DictConfig, schema: dict[str, Any], sections: dict[str, dict[str, Any]]) -> None:
     for key, (_, default) in schema.items():
-        if key not in cfg and default is not None:
+        if key not in cfg:  # required keys are present: _validate_section checked
             cfg[key] = default
     for section, section_schema in sections.items():
         if section not in cfg or cfg[section] is None:
