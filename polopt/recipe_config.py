@@ -359,6 +359,24 @@ RESUME_FIXED_KEYS = (
 )
 
 
+def resume_config_changes(saved_path: str | Path, new: DictConfig) -> list[str]:
+    """`"key: old -> new"` for each RESUME_FIXED_KEYS entry on which the run config saved at
+    `saved_path` and the (validated) `new` config differ."""
+    saved = OmegaConf.load(saved_path)
+    new_resolved = OmegaConf.create(OmegaConf.to_container(new, resolve=True))
+    changes = []
+    for key in RESUME_FIXED_KEYS:
+        key = key.replace("<loss>", str(saved.get("loss")))
+        before, after = OmegaConf.select(saved, key), OmegaConf.select(new_resolved, key)
+        if before != after:
+            changes.append(f"{key}: {_plain(before)} -> {_plain(after)}")
+    return changes
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
+
+
 def describe_user_error(error: Exception, argv: list[str]) -> str:
     """`error: <config file>:<line>: <message>` for a key written in the config file, else
     `error: <message>`; always one line."""

@@ -37,20 +37,21 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torchtune import config, modules, training, utils
 from torchtune.recipe_interfaces import FTRecipeInterface
 from tqdm import tqdm
 
 from polopt.batch import RolloutBatch
 from polopt.checkpoint import load_hf_model, load_latest_training_state, save_hf_model, save_training_state
+from polopt.errors import UserError
 from polopt.evaluation import evaluate_prompts, merge_counts
 from polopt.filtering import DynamicSampler
 from polopt.losses import get_loss, global_normalizer
 from polopt.policy import response_logprobs
 from polopt.errors import UserError
 from polopt.prompts import PromptDataset, PromptStream, load_rows
-from polopt.recipe_config import RESUME_FIXED_KEYS, ConfigError, describe_user_error, validate_config
+from polopt.recipe_config import ConfigError, describe_user_error, resume_config_changes, validate_config
 from polopt.rollout import SamplingParams
 
 log = utils.get_logger("INFO")
@@ -96,9 +97,14 @@ class OnlineRLRecipe(FTRecipeInterface):
             return True
         saved_config = out / "config.yaml"
         if cfg.resume:
-            if saved_config.is_file():
-                _check_resume_config(OmegaConf.load(saved_config), cfg, allow_changes=cfg.resume_allow_changes,
-                                     saved_path=saved_config)
+            changes = resume_config_changes(saved_config, cfg) if saved_config.is_file() else []
+            if changes and not cfg.resume_allow_changes:
+                raise ConfigError(
+                    f"resume=true would change the run saved in {saved_config}: {'; '.join(changes)}; set these "
+                    "back, or resume_allow_changes=true to continue with the new values, or another output_dir"
+                )
+            if changes:
+                log.warning(f"resume_allow_changes=true: continuing {out} with {'; '.join(changes)}")
             return False
         shown = ", ".join(existing[:5]) + (", ..." if len(existing) > 5 else "")
         if not cfg.overwrite:
@@ -598,31 +604,6 @@ def _plot_history(history: list[dict[str, float]], path: Path, title: str) -> No
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def _check_resume_config(saved: DictConfig, new: DictConfig, *, allow_changes: bool, saved_path: Path) -> None:
-    """A resumed run must be the same run: refuse changes to RESUME_FIXED_KEYS (the loss, its
-    arguments, the batch shape, the data) unless `resume_allow_changes=true`."""
-    new_resolved = OmegaConf.create(OmegaConf.to_container(new, resolve=True))
-    changed = []
-    for key in RESUME_FIXED_KEYS:
-        key = key.replace("<loss>", str(saved.get("loss")))
-        before, after = OmegaConf.select(saved, key), OmegaConf.select(new_resolved, key)
-        if before != after:
-            changed.append(f"{key}: {_plain(before)} -> {_plain(after)}")
-    if not changed:
-        return
-    if allow_changes:
-        log.warning(f"resume_allow_changes=true: continuing {saved_path.parent} with {'; '.join(changed)}")
-        return
-    raise ConfigError(
-        f"resume=true would change the run saved in {saved_path}: {'; '.join(changed)}; set these back, "
-        "or resume_allow_changes=true to continue with the new values, or another output_dir", changed[0].split(":")[0]
-    )
-
-
-def _plain(value: Any) -> Any:
-    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
 
 
 @config.parse
