@@ -163,7 +163,10 @@ def _tidy_hf_dir(folder: Path) -> None:
     for path in folder.iterdir():
         if path.suffix == ".safetensors" or path.name == SAFETENSORS_INDEX or path.name in HF_MODEL_FILES:
             continue
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
     if len(shards) == 1:
         shards[0].rename(folder / "model.safetensors")
         (folder / SAFETENSORS_INDEX).unlink(missing_ok=True)
