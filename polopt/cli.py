@@ -39,8 +39,6 @@ def checkout_root() -> Path:
 
 def tune_argv(argv: Sequence[str], root: Path) -> list[str]:
     """`polopt <command> ...` as the arguments of `tune run`."""
-    if not argv or argv[0] in ("-h", "--help"):
-        raise SystemExit(__doc__)
     command, rest = argv[0], list(argv[1:])
     if command in RECIPES:
         split = rest.index("--config") if "--config" in rest else len(rest)
@@ -66,8 +64,12 @@ def _resolve_config(name: str, root: Path) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
     root = checkout_root()
-    args = tune_argv(sys.argv[1:] if argv is None else argv, root)
+    args = tune_argv(argv, root)
     sys.path.insert(0, str(root))
     for name in [m for m in sys.modules if m == "recipes" or m.startswith("recipes.")]:
         del sys.modules[name]  # torchtune's own `recipes`, if something imported it already
