@@ -25,8 +25,9 @@ install: $(VENV)/.installed
 test: install
 	$(PY) -m pytest tests -q -p no:cacheprovider
 
+# overwrite=true: a demo re-run replaces the previous demo's outputs/tiny_arith_nft (any other run refuses).
 demo: install
-	PYTHONPATH=. $(TUNE) run recipes/online_rl_distributed.py --config configs/tiny_arith.yaml
+	$(VENV)/bin/polopt train --config tiny_arith overwrite=true
 
 clean:
 	rm -rf $(VENV) outputs

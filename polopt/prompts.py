@@ -23,6 +23,8 @@ import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
+from polopt.errors import DataError, DataFileNotFound
+
 log = logging.getLogger(__name__)
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -37,6 +39,7 @@ def load_rows(
     question_field: str = "question",
     answer_field: str = "answer",
     check_answers: bool = True,
+    config_section: str = "",
 ) -> list[dict]:
     """Question/answer rows from a .jsonl/.json/.parquet file, a local `datasets` dir, or a hub name.
 
@@ -47,25 +50,28 @@ def load_rows(
     are logged (file:line and count) here, once, rather than silently scoring every answer 0
     (`check_answers=False` skips that: ~2-5 ms per distinct non-numeric answer, e.g. ~15 s for
     the 8.5k-row MATH training set on one busy core). `split` applies to `datasets` sources only.
+    Errors are `DataError`s naming the file and line; `config_section` (e.g. "dataset") makes their
+    hints name the full config key to set (`dataset.answer_field`).
     """
+    prefix = f"{config_section}." if config_section else ""
     source = str(source)
     path = Path(source).expanduser()
     if path.suffix in FILE_SUFFIXES or path.is_file():
         if not path.is_file():
-            raise FileNotFoundError(f"prompt file not found: {path} (resolved: {path.resolve()})")
+            raise DataFileNotFound(f"prompt file not found: {path} (resolved: {path.resolve()}); set {prefix}source")
         records = _read_file(path)
     else:
-        records = _read_datasets(source, split, local_dir=path.is_dir())
+        records = _read_datasets(source, split, local_dir=path.is_dir(), key=f"{prefix}source")
     rows = [
         {
-            "question": _field(record, question_field, where, kind="question"),
-            "answer": _field(record, answer_field, where, kind="answer"),
+            "question": _field(record, question_field, where, kind="question", key=f"{prefix}question_field"),
+            "answer": _field(record, answer_field, where, kind="answer", key=f"{prefix}answer_field"),
             "source": where,
         }
         for where, record in records
     ]
     if not rows:
-        raise ValueError(f"{source}: no rows (split={split!r}); a prompt dataset needs at least one")
+        raise DataError(f"{source}: no rows (split={split!r}); a prompt dataset needs at least one")
     if check_answers:
         _report_unparseable_gold(rows, source)
     return rows
@@ -80,9 +86,9 @@ def _read_file(path: Path) -> list[tuple[str, dict]]:
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from e
+            raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from e
         if not isinstance(data, list):
-            raise ValueError(f"{path}: a .json prompt file must hold a list of objects, got {type(data).__name__}")
+            raise DataError(f"{path}: a .json prompt file must hold a list of objects, got {type(data).__name__}")
         return _numbered(path, data)
     records = []
     with path.open() as f:
@@ -92,12 +98,14 @@ def _read_file(path: Path) -> list[tuple[str, dict]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno})") from e
+                # json's own line/column count the row's trailing newline as a line break: an error at the
+                # end of the row would read "column 1". The offset within the row is the column.
+                raise DataError(f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.pos + 1})") from e
             records.append((f"{path}:{lineno}", _require_mapping(record, f"{path}:{lineno}")))
     return records
 
 
-def _read_datasets(source: str, split: str, *, local_dir: bool) -> list[tuple[str, dict]]:
+def _read_datasets(source: str, split: str, *, local_dir: bool, key: str = "source") -> list[tuple[str, dict]]:
     """`datasets.load_dataset(source, split=split)`: a hub name, or a dataset directory on disk."""
     import datasets
 
@@ -105,7 +113,7 @@ def _read_datasets(source: str, split: str, *, local_dir: bool) -> list[tuple[st
         ds = datasets.load_dataset(source, split=split)
     except FileNotFoundError as e:
         kind = "dataset directory" if local_dir else "dataset (not a file path, so tried as a Hugging Face hub name)"
-        raise FileNotFoundError(f"{source}: {kind} could not be loaded: {e}") from e
+        raise DataFileNotFound(f"{source}: {kind} could not be loaded ({e}); set {key} to a file or dataset") from e
     return [(f"{source}[{split}]:{i}", _require_mapping(r, f"{source}[{split}]:{i}")) for i, r in enumerate(ds, start=1)]
 
 
@@ -115,11 +123,11 @@ def _numbered(path: Path, records: Sequence[Any]) -> list[tuple[str, dict]]:
 
 def _require_mapping(record: Any, where: str) -> dict:
     if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object (one row), got {type(record).__name__}")
+        raise DataError(f"{where}: expected a JSON object (one row), got {type(record).__name__}")
     return record
 
 
-def _field(record: dict, dotted: str, where: str, *, kind: str) -> str:
+def _field(record: dict, dotted: str, where: str, *, kind: str, key: str) -> str:
     value: Any = record
     for part in dotted.split("."):
         if isinstance(value, dict) and part in value:
@@ -127,17 +135,17 @@ def _field(record: dict, dotted: str, where: str, *, kind: str) -> str:
         elif isinstance(value, list) and part.lstrip("-").isdigit() and -len(value) <= int(part) < len(value):
             value = value[int(part)]
         else:
-            raise ValueError(
+            raise DataError(
                 f"{where}: row has no {kind} field {dotted!r} (missing {part!r}); "
-                f"keys present: {sorted(record)}. Set {kind}_field to one of them."
+                f"keys present: {sorted(record)}. Set {key} to one of them."
             )
     if isinstance(value, bool) or value is None or isinstance(value, (dict, list)):
-        raise ValueError(f"{where}: {kind} field {dotted!r} must be a string or number, got {value!r}")
+        raise DataError(f"{where}: {kind} field {dotted!r} must be a string or number, got {value!r} (set {key})")
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     text = str(value)
     if kind == "question" and not text.strip():
-        raise ValueError(f"{where}: question field {dotted!r} is empty")
+        raise DataError(f"{where}: question field {dotted!r} is empty")
     return text
 
 
@@ -181,7 +189,7 @@ PROMPT_TEMPLATES: dict[str, str | ChatPrompt] = {
 }
 
 
-def resolve_template(template: str | ChatPrompt) -> str | ChatPrompt:
+def resolve_template(template: str | ChatPrompt, key: str = "template") -> str | ChatPrompt:
     """A name in PROMPT_TEMPLATES, a ChatPrompt, or a format string holding ``{question}``."""
     if isinstance(template, ChatPrompt):
         resolved: str | ChatPrompt = template
@@ -191,8 +199,8 @@ def resolve_template(template: str | ChatPrompt) -> str | ChatPrompt:
         resolved = template
     text = resolved.user if isinstance(resolved, ChatPrompt) else resolved
     if not isinstance(text, str) or "{question}" not in text:
-        raise ValueError(
-            f"prompt template {template!r} is neither a known name ({', '.join(PROMPT_TEMPLATES)}) "
+        raise DataError(
+            f"prompt template {key}={template!r} is neither a known name ({', '.join(PROMPT_TEMPLATES)}) "
             "nor a format string containing '{question}'"
         )
     return resolved
@@ -245,15 +253,17 @@ class PromptDataset(torch.utils.data.Dataset):
         template: str | ChatPrompt = "{question}",
         max_prompt_tokens: Optional[int] = None,
         on_too_long: str = "drop",
+        config_section: str = "",
     ):
+        self._prefix = prefix = f"{config_section}." if config_section else ""
         if on_too_long not in TOO_LONG_POLICIES:
-            raise ValueError(f"on_too_long must be one of {TOO_LONG_POLICIES}, got {on_too_long!r}")
+            raise DataError(f"{prefix}on_too_long must be one of {TOO_LONG_POLICIES}, got {on_too_long!r}")
         if max_prompt_tokens is not None and max_prompt_tokens < 1:
-            raise ValueError(f"max_prompt_tokens must be >= 1 or None, got {max_prompt_tokens}")
+            raise DataError(f"{prefix}max_prompt_tokens must be >= 1 or None, got {max_prompt_tokens}")
         if not rows:
-            raise ValueError("PromptDataset: no rows; a prompt dataset needs at least one")
+            raise DataError("PromptDataset: no rows; a prompt dataset needs at least one")
         self.tokenizer = tokenizer
-        self.template = resolve_template(template)
+        self.template = resolve_template(template, key=f"{prefix}template")
         self.max_prompt_tokens = max_prompt_tokens
         self.on_too_long = on_too_long
         self.rows = list(rows)
@@ -270,9 +280,10 @@ class PromptDataset(torch.utils.data.Dataset):
             n = len(item["prompt_ids"])
             if n > self.max_prompt_tokens:
                 if self.on_too_long == "error":
-                    raise ValueError(
-                        f"{row.get('source', f'row {i}')}: prompt has {n} tokens > max_prompt_tokens={self.max_prompt_tokens} "
-                        "(set on_too_long='drop' or 'truncate_left', or raise max_prompt_tokens)"
+                    p = self._prefix
+                    raise DataError(
+                        f"{row.get('source', f'row {i}')}: prompt has {n} tokens > {p}max_prompt_tokens={self.max_prompt_tokens} "
+                        f"(set {p}on_too_long=drop or truncate_left, or raise {p}max_prompt_tokens)"
                     )
                 if self.on_too_long == "drop":
                     self.num_dropped += 1
@@ -290,8 +301,9 @@ class PromptDataset(torch.utils.data.Dataset):
         if self.num_truncated:
             log.warning(f"PromptDataset: left-truncated {self.num_truncated} prompts to {self.max_prompt_tokens} tokens")
         if not kept:
-            raise ValueError(
-                f"PromptDataset: all {len(self.rows)} prompts are longer than max_prompt_tokens={self.max_prompt_tokens}"
+            raise DataError(
+                f"{self.rows[0].get('source', '').rsplit(':', 1)[0]}: all {len(self.rows)} prompts are longer than "
+                f"{self._prefix}max_prompt_tokens={self.max_prompt_tokens}; raise it"
             )
         self.rows, self._cache = kept, kept_items
 
@@ -314,6 +326,26 @@ class PromptDataset(torch.utils.data.Dataset):
         if item is None:
             item = self._cache[index] = self._build(self.rows[index])
         return item
+
+    def check_fits(self, max_new_tokens: int, max_seq_len: int, *, max_new_tokens_key: str) -> None:
+        """Raise a `DataError` now, not mid-training, if a prompt plus `max_new_tokens` would not fit
+        the model's context; it names the file, the counts and the keys that fix it."""
+        lengths = [len(self[i]["prompt_ids"]) for i in range(len(self))]
+        budget = max_seq_len - max_new_tokens
+        too_long = [i for i, n in enumerate(lengths) if n > budget]
+        if not too_long:
+            return
+        longest = max(range(len(lengths)), key=lengths.__getitem__)
+        p = self._prefix
+        if budget < 1:
+            raise DataError(f"{max_new_tokens_key}={max_new_tokens} leaves no room for a prompt in the model's "
+                            f"max_seq_len ({max_seq_len}); lower {max_new_tokens_key}")
+        raise DataError(
+            f"{self[longest]['source']}: the longest prompt ({lengths[longest]} tokens) + {max_new_tokens_key}="
+            f"{max_new_tokens} exceeds the model's max_seq_len ({max_seq_len}); {len(too_long)} of {len(lengths)} "
+            f"prompts are longer than {budget} tokens: set {p}max_prompt_tokens={budget} (with {p}on_too_long="
+            f"{self.on_too_long} they are {'dropped' if self.on_too_long == 'drop' else 'cut'}) or lower {max_new_tokens_key}"
+        )
 
 
 # --------------------------------------------------------------------------- stream

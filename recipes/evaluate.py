@@ -1,16 +1,19 @@
 """avg@k and pass@k of an HF-format model on math benchmarks, with the training data path.
 
-    PYTHONPATH=. tune run recipes/evaluate.py --config configs/evaluate.yaml \
-        model_dir=outputs/tiny_arith/final k=4 output_dir=outputs/eval \
+    polopt evaluate --config evaluate model_dir=outputs/tiny_arith_nft/final k=4 output_dir=outputs/eval_nft \
         'datasets=[assets/tiny_arith/val.jsonl,../shared/data/math500.jsonl]'
+    # = PYTHONPATH=. tune run recipes/evaluate.py --config configs/evaluate.yaml ...
 
-Questions go through the same prompt templates, rollout engine and verifier as training
+`model_dir` is any HF model folder: the embedded base model (default), or the `final/` a training
+run wrote. Questions go through the same prompt templates, rollout engine and verifier as training
 (`polopt.evaluation.evaluate_prompts`), so a validation curve during training and this recipe's
 numbers are the same measurement. Writes `output_dir/eval.json` (per dataset: avg@k, pass@k, k,
-number of questions, sampling settings) and `output_dir/eval.md` (a markdown table).
+number of questions, sampling settings) and `output_dir/eval.md` (a markdown table); an existing
+eval.json is replaced only with `overwrite=true`.
 
 A dataset entry is a path (JSONL/Parquet) or hub name, or a mapping with `source` and any of
-`template`, `question_field`, `answer_field`, `split`, `k`, `max_questions`.
+`name`, `template`, `question_field`, `answer_field`, `split`, `k`, `max_questions`. Every key is
+checked (`polopt.recipe_config.validate_eval_config`): a typo is an error, not a default.
 """
 
 from __future__ import annotations
@@ -26,94 +29,88 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torchtune import config, training, utils
 
+from polopt.checkpoint import load_hf_model
+from polopt.errors import UserError
 from polopt.evaluation import evaluate_prompts
 from polopt.prompts import PromptDataset, load_rows
+from polopt.recipe_config import ConfigError, describe_user_error, validate_eval_config
 from polopt.rollout import SamplingParams
 
 log = utils.get_logger("INFO")
 
-_DATASET_KEYS = {"source", "template", "question_field", "answer_field", "split", "k", "max_questions", "name"}
-
-
-def _dataset_entries(cfg: DictConfig) -> list[dict]:
-    entries = []
-    for i, item in enumerate(cfg.datasets):
-        entry = {"source": item} if isinstance(item, str) else OmegaConf.to_container(item, resolve=True)
-        unknown = set(entry) - _DATASET_KEYS
-        if unknown or "source" not in entry:
-            raise ValueError(
-                f"datasets[{i}]: expected a path or a mapping with 'source' and any of "
-                f"{sorted(_DATASET_KEYS - {'source'})}, got {entry}"
-            )
-        entries.append(entry)
-    if not entries:
-        raise ValueError("datasets is empty: give at least one dataset path")
-    return entries
-
-
 class EvaluateRecipe:
     def __init__(self, cfg: DictConfig) -> None:
-        self.cfg = cfg
-        if int(cfg.k) < 1:
-            raise ValueError(f"k must be >= 1, got {cfg.k}")
-        self.device = utils.get_device(device=cfg.get("device", "cpu"))
-        self.dtype = training.get_dtype(cfg.get("dtype", "fp32"), device=self.device)
-        training.set_seed(cfg.get("seed", 0))
+        self.cfg = cfg = validate_eval_config(cfg)
+        out = Path(cfg.output_dir)
+        if (out / "eval.json").exists() and not cfg.overwrite:
+            raise ConfigError(f"output_dir={out} already holds an eval.json; set overwrite=true to replace it, "
+                              "or another output_dir", "output_dir")
+        self.device = utils.get_device(device=cfg.device)
+        self.dtype = training.get_dtype(cfg.dtype, device=self.device)
+        training.set_seed(cfg.seed)
 
     def setup(self) -> None:
         cfg = self.cfg
-        self.entries = _dataset_entries(cfg)
+        native = cfg.rollout.engine._component_.endswith("NativeRolloutEngine")
+        if native:  # first: a wrong model_dir shows up as a missing tokenizer file otherwise
+            _, state = load_hf_model(cfg.checkpointer)
         self.tokenizer = config.instantiate(cfg.tokenizer)
         decode = partial(self.tokenizer.decode, skip_special_tokens=True)
         engine_cfg = cfg.rollout.engine
-        if engine_cfg._component_.endswith("NativeRolloutEngine"):
-            state = config.instantiate(cfg.checkpointer).load_checkpoint()[training.MODEL_KEY]
+        if native:
             with training.set_default_dtype(self.dtype), self.device:
                 self.model = config.instantiate(cfg.model)
             self.model.load_state_dict(state)
             self.model.eval()
             self.engine = config.instantiate(engine_cfg, model=self.model, pad_id=self.tokenizer.pad_id, decode=decode)
+            max_seq_len = self.model.max_seq_len
         else:
             self.engine = config.instantiate(engine_cfg, decode=decode)
+            max_seq_len = getattr(self.tokenizer, "max_seq_len", None)
+        # Every dataset is read (and its prompts checked) before the first one is evaluated.
+        self.datasets = [self._setup_dataset(i, entry, max_seq_len) for i, entry in enumerate(cfg.datasets)]
         self.verifier = config.instantiate(cfg.verifier)
+
+    def _setup_dataset(self, i: int, entry: DictConfig, max_seq_len) -> tuple[str, DictConfig, PromptDataset]:
+        cfg = self.cfg
+        section = f"datasets[{i}]"
+        rows = load_rows(entry.source, split=entry.split, question_field=entry.question_field,
+                         answer_field=entry.answer_field, config_section=section)
+        dataset = PromptDataset(
+            rows,
+            self.tokenizer,
+            template=entry.template or cfg.template,
+            max_prompt_tokens=cfg.max_prompt_tokens,
+            on_too_long="drop",
+            config_section=section if entry.template else "",
+        )
+        if max_seq_len:
+            dataset.check_fits(cfg.max_new_tokens, max_seq_len, max_new_tokens_key="max_new_tokens")
+        return entry.name or Path(str(entry.source)).stem, entry, dataset
 
     def evaluate(self) -> dict:
         cfg = self.cfg
         results = {}
-        for entry in self.entries:
-            name = entry.get("name") or Path(str(entry["source"])).stem
-            rows = load_rows(
-                entry["source"],
-                split=entry.get("split", "test"),
-                question_field=entry.get("question_field", "question"),
-                answer_field=entry.get("answer_field", "answer"),
-            )
-            dataset = PromptDataset(
-                rows,
-                self.tokenizer,
-                template=entry.get("template", cfg.template),
-                max_prompt_tokens=cfg.get("max_prompt_tokens"),
-                on_too_long="drop",
-            )
-            prompts = [dataset[i] for i in range(len(dataset))][: entry.get("max_questions", cfg.get("max_questions"))]
-            k = int(entry.get("k", cfg.k))
+        for name, entry, dataset in self.datasets:
+            prompts = [dataset[j] for j in range(len(dataset))][: entry.max_questions or cfg.max_questions]
+            k = int(entry.k or cfg.k)
             params = SamplingParams(
                 temperature=float(cfg.temperature),
                 top_p=float(cfg.top_p),
-                top_k=cfg.get("top_k"),
+                top_k=cfg.top_k,
                 max_new_tokens=int(cfg.max_new_tokens),
                 stop_token_ids=list(self.tokenizer.stop_tokens),
-                seed=int(cfg.get("seed", 0)),
+                seed=int(cfg.seed),
             )
             start = time.perf_counter()
             scores = evaluate_prompts(
                 self.engine, self.verifier, prompts, k=k, params=params,
-                batch_size=int(cfg.get("batch_size", 64)), progress=True, desc=name,
+                batch_size=int(cfg.batch_size), progress=True, desc=name,
             )
             scores["seconds"] = round(time.perf_counter() - start, 2)
             results[name] = {
                 **scores,
-                "source": str(entry["source"]),
+                "source": str(entry.source),
                 "n_dropped_too_long": dataset.num_dropped,
                 "sampling": asdict(params),
             }
@@ -142,12 +139,16 @@ class EvaluateRecipe:
 
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
+    """User errors (`UserError`: config, data, paths) print one line and exit 2; bugs keep their traceback."""
+    recipe = None
     try:
         recipe = EvaluateRecipe(cfg)
         recipe.setup()
         results = recipe.evaluate()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (UserError, FileNotFoundError) as e:
+        if recipe is not None and hasattr(recipe, "verifier"):
+            recipe.cleanup()
+        print(describe_user_error(e, sys.argv), file=sys.stderr)
         sys.exit(2)
     print(f"wrote {recipe.write(results)}")
     recipe.cleanup()

@@ -1,7 +1,8 @@
 """Online RL for LLM math reasoning with any polopt loss: Algorithm 1 of the NFT paper.
 
-    PYTHONPATH=. tune run recipes/online_rl_distributed.py --config configs/tiny_arith.yaml loss=nft
-    PYTHONPATH=. tune run --nproc_per_node 2 recipes/online_rl_distributed.py --config ... loss=grpo
+    polopt train --config tiny_arith loss=nft                      # = tune run recipes/online_rl_distributed.py ...
+    polopt train --nproc_per_node 2 --config tiny_arith loss=grpo
+    PYTHONPATH=. tune run recipes/online_rl_distributed.py --config configs/tiny_arith.yaml   # the same, by hand
 
 One step of this recipe is one policy iteration:
 
@@ -27,6 +28,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from functools import partial
@@ -43,18 +45,20 @@ from tqdm import tqdm
 from polopt.batch import RolloutBatch
 from polopt.checkpoint import (
     latest_checkpoint,
+    load_hf_model,
     load_training_state,
     rng_state,
     save_hf_model,
     save_training_state,
     set_rng_state,
 )
+from polopt.errors import UserError
 from polopt.evaluation import evaluate_prompts, merge_counts
 from polopt.filtering import DynamicSampler
 from polopt.losses import get_loss, global_normalizer
 from polopt.policy import response_logprobs
 from polopt.prompts import PromptDataset, PromptStream, load_rows
-from polopt.recipe_config import ConfigError, validate_config
+from polopt.recipe_config import ConfigError, describe_user_error, resume_config_changes, validate_config
 from polopt.rollout import SamplingParams
 
 log = utils.get_logger("INFO")
@@ -77,17 +81,81 @@ class OnlineRLRecipe(FTRecipeInterface):
                 f"rollout.num_prompts={cfg.rollout.num_prompts} must be divisible by the number of ranks ({self.world_size})"
             )
         self.output_dir = Path(cfg.output_dir)
+        self._output_dir_is_new = self._claim_output_dir(cfg)
         self.seed = training.set_seed(seed=cfg.seed)
         self.global_step = 0
         self.nan_steps = 0
         self.history: list[dict[str, float]] = []
 
+    def _claim_output_dir(self, cfg: DictConfig) -> bool:
+        """Refuse to mix two runs in one output_dir. Returns whether this run starts it afresh.
+
+        A non-empty output_dir is continued with `resume=true` (after checking that the saved
+        `config.yaml` agrees on RESUME_FIXED_KEYS, unless `resume_allow_changes=true`) or replaced
+        with `overwrite=true` (only if it holds a polopt run); anything else is refused.
+        """
+        out = self.output_dir
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"output_dir={out} is a file, not a folder; set output_dir to a folder", "output_dir")
+        existing = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+        if self._distributed:
+            dist.barrier()  # every rank has looked before rank 0 may delete anything
+        if not existing:
+            return True
+        saved_config = out / "config.yaml"
+        if cfg.resume:
+            changes = resume_config_changes(saved_config, cfg) if saved_config.is_file() else []
+            if changes and not cfg.resume_allow_changes:
+                raise ConfigError(
+                    f"resume=true would change the run saved in {saved_config}: {'; '.join(changes)}; set these "
+                    "back, or resume_allow_changes=true to continue with the new values, or another output_dir"
+                )
+            if changes:
+                log.warning(f"resume_allow_changes=true: continuing {out} with {'; '.join(changes)}")
+            return False
+        shown = ", ".join(existing[:5]) + (", ..." if len(existing) > 5 else "")
+        if not cfg.overwrite:
+            raise ConfigError(
+                f"output_dir={out} already holds files ({shown}); set resume=true to continue that run, "
+                "overwrite=true to delete it and start again, or another output_dir", "output_dir"
+            )
+        if not (saved_config.is_file() or (out / "summary.json").is_file()):
+            raise ConfigError(f"output_dir={out} holds files ({shown}) but no polopt run (no config.yaml): "
+                              "overwrite=true deletes only a polopt run's folder; set another output_dir", "output_dir")
+        if self._is_rank_zero:
+            log.warning(f"overwrite=true: deleting the previous run in {out}")
+            shutil.rmtree(out)
+        if self._distributed:
+            dist.barrier()
+        return True
+
+    def _write_run_config(self) -> None:
+        """`output_dir/config.yaml`: the resolved config, which `resume=true` compares against."""
+        if not self._is_rank_zero:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        path = self.output_dir / "config.yaml"
+        tmp = path.with_name(".config.yaml.tmp")
+        tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(OmegaConf.to_container(self.cfg, resolve=True))))
+        os.replace(tmp, path)
+
+    def abandon(self) -> None:
+        """After an error: close what holds files open, and remove an output_dir this run created
+        if it failed before its first step (nothing in it is worth keeping)."""
+        for closeable in (getattr(self, "metric_logger", None), getattr(self, "verifier", None)):
+            try:
+                if closeable is not None and hasattr(closeable, "close"):
+                    closeable.close()
+            except Exception:  # noqa: BLE001 - the original error is the one to report
+                pass
+        if self._is_rank_zero and self._output_dir_is_new and self.global_step == 0 and self.output_dir.is_dir():
+            shutil.rmtree(self.output_dir, ignore_errors=True)
+
     # ------------------------------------------------------------------ setup
     def setup(self, cfg: Optional[DictConfig] = None) -> None:
         cfg = self.cfg
         self.loss_fn = self._setup_loss(cfg)
-        self._checkpointer = config.instantiate(cfg.checkpointer)
-        model_state = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
+        self._checkpointer, model_state = load_hf_model(cfg.checkpointer)
         self.tokenizer = config.instantiate(cfg.tokenizer)
         self.model = self._setup_model(cfg, model_state)
         self.optimizer = config.instantiate(cfg.optimizer, self.model.parameters())
@@ -110,20 +178,22 @@ class OnlineRLRecipe(FTRecipeInterface):
             filter_groups=cfg.filter.enabled,
         )
         self.val_prompts = self._setup_validation(cfg)
+        self._write_run_config()
         self.metric_logger = config.instantiate(cfg.metric_logger) if self._is_rank_zero else None
         if self.metric_logger is not None:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
             self.metric_logger.log_config(cfg)
         if cfg.resume:
             self.load_checkpoint()
 
     def _setup_loss(self, cfg: DictConfig):
+        """The loss from the registry; `validate_config` has imported `loss_modules` (a user's own
+        `@register_loss` classes) and checked `loss_args` against the registered signatures."""
         section = cfg.loss_args.get(cfg.loss)
         kwargs = OmegaConf.to_container(section, resolve=True) if section is not None else {}
         try:
             loss_fn = get_loss(cfg.loss, **kwargs)
         except (KeyError, ValueError, TypeError) as e:
-            raise ConfigError(f"loss={cfg.loss} with loss_args.{cfg.loss}={kwargs}: {e}") from e
+            raise ConfigError(f"loss={cfg.loss} with loss_args.{cfg.loss}={kwargs}: {e}", f"loss_args.{cfg.loss}") from e
         if loss_fn.normalizer_kind == "sequences_x_horizon" and loss_fn.max_response_len is None:
             # Dr.GRPO's L must be a constant of the run, not the longest answer of each batch/rank.
             loss_fn.max_response_len = cfg.rollout.max_new_tokens
@@ -169,12 +239,15 @@ class OnlineRLRecipe(FTRecipeInterface):
     def _setup_prompts(self, cfg: DictConfig) -> PromptStream:
         d = cfg.dataset
         dataset = PromptDataset(
-            load_rows(d.source, split=d.split, question_field=d.question_field, answer_field=d.answer_field),
+            load_rows(d.source, split=d.split, question_field=d.question_field, answer_field=d.answer_field,
+                      config_section="dataset"),
             self.tokenizer,
             template=d.template,
             max_prompt_tokens=d.max_prompt_tokens,
             on_too_long=d.on_too_long,
+            config_section="dataset",
         )
+        dataset.check_fits(cfg.rollout.max_new_tokens, self.model.max_seq_len, max_new_tokens_key="rollout.max_new_tokens")
         return PromptStream(
             dataset,
             batch_size=_per_rank(cfg.filter.gen_batch_size or cfg.rollout.num_prompts, self.world_size),
@@ -185,16 +258,23 @@ class OnlineRLRecipe(FTRecipeInterface):
         )
 
     def _setup_validation(self, cfg: DictConfig) -> list[dict]:
+        """Held-out questions; their length limit is `validation.max_prompt_tokens`, not the
+        training set's (dropping validation questions changes what is measured)."""
         v = cfg.validation
         if not v.source:
             return []
         dataset = PromptDataset(
-            load_rows(v.source, split=v.split, question_field=v.question_field, answer_field=v.answer_field),
+            load_rows(v.source, split=v.split, question_field=v.question_field, answer_field=v.answer_field,
+                      config_section="validation"),
             self.tokenizer,
             template=v.template or cfg.dataset.template,
-            max_prompt_tokens=cfg.dataset.max_prompt_tokens,
-            on_too_long=cfg.dataset.on_too_long,
+            max_prompt_tokens=v.max_prompt_tokens,
+            on_too_long=v.on_too_long,
+            config_section="validation",
         )
+        max_new_tokens_key = "validation.max_new_tokens" if v.max_new_tokens else "rollout.max_new_tokens"
+        dataset.check_fits(v.max_new_tokens or cfg.rollout.max_new_tokens, self.model.max_seq_len,
+                           max_new_tokens_key=max_new_tokens_key)
         questions = [dataset[i] for i in range(len(dataset))][: v.max_questions]
         return questions[self.rank :: self.world_size]
 
@@ -345,13 +425,24 @@ class OnlineRLRecipe(FTRecipeInterface):
             if cfg.validation.source and every and (self.global_step % every == 0 or self.global_step == cfg.max_steps):
                 metrics.update(self.validate())
             self._record(self.global_step, metrics)
+            bar.set_postfix(self._progress(metrics), refresh=False)
             bar.update(1)
-            bar.set_postfix({k: f"{metrics[k]:.3f}" for k in ("reward/mean", "loss", "val/accuracy") if k in metrics})
             if cfg.checkpoint_every_n_steps and self.global_step % cfg.checkpoint_every_n_steps == 0:
                 self.save_checkpoint()
         bar.close()
         self.wall_seconds = time.perf_counter() - start
         self._finish()
+
+    def _progress(self, metrics: dict[str, float]) -> dict[str, str]:
+        """What moves during a run: rollout reward, the latest held-out accuracy, the gradient norm
+        and the loss's own `progress_metric` (clip fractions, ...). Not the loss value: on-policy it
+        is ~0 by construction (R_t = 1 at the first step of every update), whatever is learnt."""
+        latest_val = next((h["val/accuracy"] for h in reversed(self.history) if "val/accuracy" in h), None)
+        shown = {"reward": metrics.get("reward/mean"), "val_acc": latest_val, "grad_norm": metrics.get("grad_norm")}
+        key = getattr(self.loss_fn, "progress_metric", None)
+        if key:
+            shown[key] = metrics.get(key)
+        return {name: f"{value:.3f}" for name, value in shown.items() if value is not None}
 
     def _record(self, step: int, metrics: dict[str, float]) -> None:
         entry = {"step": step, **{k: float(v) for k, v in metrics.items()}}
@@ -434,13 +525,32 @@ class OnlineRLRecipe(FTRecipeInterface):
         if self.cfg.save_final_model:
             checkpointer_cfg = self.cfg.checkpointer
             factory = lambda out: config.instantiate(checkpointer_cfg, output_dir=out)  # noqa: E731
-            summary["final_model"] = str(save_hf_model(
-                factory, {k: v.cpu() for k, v in model_state.items()}, self.output_dir, self._checkpointer
-            ))
+            final = save_hf_model(
+                factory, {k: v.cpu() for k, v in model_state.items()}, self.output_dir, self._checkpointer,
+                training_info=self._training_info(summary),
+            )
+            summary["final_model"] = str(final)
+            log.info(f"final model (HF format): {final}; evaluate it with "
+                     f"`polopt evaluate --config evaluate model_dir={final}`")
         (self.output_dir / "history.json").write_text(json.dumps(self.history, indent=1))
         (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         _plot_history(self.history, self.output_dir / "training_curves.png", title=f"loss={self.cfg.loss}")
         log.info("summary: " + json.dumps(summary))
+
+    def _training_info(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """`final/polopt.json`: how this model was trained (the full config is output_dir/config.yaml)."""
+        cfg = self.cfg
+        return {
+            "trained_with": "polopt recipes/online_rl_distributed.py",
+            "base_model": str(cfg.checkpointer.get("checkpoint_dir", cfg.get("model_dir"))),
+            "loss": cfg.loss,
+            "loss_args": OmegaConf.to_container(cfg.loss_args.get(cfg.loss) or {}, resolve=True),
+            "dataset": str(cfg.dataset.source),
+            "steps": summary["steps"],
+            "val_accuracy_before": summary["val_accuracy_before"],
+            "val_accuracy_after": summary["val_accuracy_after"],
+            "run_config": str(self.output_dir / "config.yaml"),
+        }
 
     def cleanup(self) -> None:
         if self.metric_logger is not None:
@@ -486,13 +596,22 @@ def _plot_history(history: list[dict[str, float]], path: Path, title: str) -> No
 
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
+    """User errors (`UserError`: config, data, paths) print one line and exit 2; bugs keep their
+    traceback. A run that fails before its first step leaves no output_dir behind."""
+    recipe = None
     try:
         recipe = OnlineRLRecipe(cfg)
         recipe.setup()
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        recipe.train()
+    except (UserError, FileNotFoundError) as e:
+        if recipe is not None:
+            recipe.abandon()
+        print(describe_user_error(e, sys.argv), file=sys.stderr)
         sys.exit(2)
-    recipe.train()
+    except BaseException:
+        if recipe is not None:
+            recipe.abandon()
+        raise
     recipe.cleanup()
 
 

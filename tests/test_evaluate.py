@@ -51,7 +51,7 @@ def test_evaluate_bad_input_names_the_problem(tmp_path):
     assert proc.returncode == 2 and "/no/such/set.jsonl" in proc.stderr
 
     proc = evaluate(f"output_dir={tmp_path}", "k=0")
-    assert proc.returncode == 2 and "k must be >= 1" in proc.stderr
+    assert proc.returncode == 2 and "'k' must be >= 1" in proc.stderr
 
     proc = evaluate(f"output_dir={tmp_path}", "datasets=[{source: assets/tiny_arith/val.jsonl, answer_field: solution}]")
     assert proc.returncode == 2 and "solution" in proc.stderr and "val.jsonl" in proc.stderr

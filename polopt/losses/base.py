@@ -71,6 +71,8 @@ class PolicyLoss(nn.Module):
 
     name: ClassVar[str] = ""
     accepts_token_weights: ClassVar[bool] = False
+    # The metric that best shows this loss at work, shown on the recipe's progress bar.
+    progress_metric: ClassVar[Optional[str]] = None
     normalizer_kind: str = "none"
     max_response_len: Optional[int] = None
     constant_normalizer: Optional[float] = None

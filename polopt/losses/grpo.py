@@ -27,6 +27,8 @@ from polopt.losses.registry import register_loss
 
 @register_loss("grpo")
 class GRPOLoss(TokenLevelLoss):
+    progress_metric = "clip_frac"
+
     def __init__(
         self, clip_low: float = 0.2, clip_high: float = 0.2, loss_agg: str = "seq-mean-token-mean", **options
     ) -> None:

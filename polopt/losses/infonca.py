@@ -75,6 +75,7 @@ def answer_weights(token_weights: torch.Tensor, lengths: torch.Tensor) -> torch.
 class InfoNCALoss(PolicyLoss):
     normalizer_kind = "groups"
     accepts_token_weights = True
+    progress_metric = "positive_prob_mass"
 
     def __init__(self, beta: float = 0.1, sft_coef: float = 0.0) -> None:
         super().__init__()

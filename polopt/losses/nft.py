@@ -45,6 +45,8 @@ from polopt.losses.registry import register_loss
 
 @register_loss("nft")
 class NFTLoss(TokenLevelLoss):
+    progress_metric = "neg_clip_frac"
+
     def __init__(
         self,
         epsilon: float = 1.0,
