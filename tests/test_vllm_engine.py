@@ -189,8 +189,9 @@ def test_weights_the_engine_does_not_accept_are_refused_before_loading(tiny, eng
     changed = perturbed(state, set(state), seed=9)  # loading any of these would show
     vocab, dim = state["tok_embeddings.weight"].shape
     cases = {
-        "layers.0.attn.q_proj.weight": ({"layers.0.attn.q_proj.weight": torch.zeros(dim + 8, dim)}, None),
-        r"model.embed_tokens.weight \(trainer \(%d, %d\), engine \(%d, %d\)\)" % (vocab + 64, dim, vocab, dim): (
+        r"shape differs: model.layers.0.self_attn.q_proj.weight \(trainer \(%d, %d\)" % (dim + 8, dim): (
+            {"layers.0.attn.q_proj.weight": torch.zeros(dim + 8, dim)}, None),
+        r"shape differs: model.embed_tokens.weight \(trainer \(%d, %d\), engine \(%d, %d\)\)" % (vocab + 64, dim, vocab, dim): (
             {"tok_embeddings.weight": torch.zeros(vocab + 64, dim)}, None),
         "missing from the trainer: model.layers.3.mlp.down_proj.weight": ({}, "layers.3.mlp.w2.weight"),
         "has no place.*layers.0.adapter.weight": ({"layers.0.adapter.weight": torch.zeros(2)}, None),

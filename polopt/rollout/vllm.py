@@ -53,6 +53,10 @@ from polopt.rollout import SamplingParams, check_generate_args
 
 log = logging.getLogger(__name__)
 
+# Torch threads while vLLM generates: vLLM's CPU serving default. Its decode steps are small, and
+# with more threads their spin-waits cost more than they give on a shared CPU (docs/rollout.md).
+GENERATE_THREADS = 1
+
 
 class VLLMRolloutEngine:
     """K samples per prompt from a colocated, in-process `vllm.LLM`; `sync_weights` pushes
@@ -100,10 +104,10 @@ class VLLMRolloutEngine:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         self.model_name_or_path = model_name_or_path
         self.tie_word_embeddings, self.expected_shapes = checkpoint_weight_shapes(model_name_or_path)
-        # vLLM's CPU worker shares this process with the trainer: unless OMP_NUM_THREADS is set it
-        # cuts torch to 1 thread, and it replaces torch.set_num_threads by a no-op. Keep both.
-        os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
-        set_num_threads = torch.set_num_threads
+        # vLLM's CPU worker shares this process with the trainer: it cuts torch to 1 thread and
+        # replaces torch.set_num_threads by a no-op. The trainer gets both back; `generate` runs
+        # vLLM on its 1 thread (`GENERATE_THREADS`).
+        trainer_threads, set_num_threads = torch.get_num_threads(), torch.set_num_threads
         try:
             self.llm = vllm.LLM(
                 model=model_name_or_path,
@@ -125,6 +129,7 @@ class VLLMRolloutEngine:
             ) from e
         finally:
             torch.set_num_threads = set_num_threads
+            torch.set_num_threads(trainer_threads)
         if decode is None:
             tokenizer = self.llm.get_tokenizer()
             decode = partial(tokenizer.decode, skip_special_tokens=True)
@@ -142,6 +147,7 @@ class VLLMRolloutEngine:
             stop_token_ids=list(params.stop_token_ids),
             seed=params.seed,
             logprobs=0,
+            detokenize=False,  # `decode` makes the text once, at the end
         )
 
     def generate(
@@ -156,7 +162,12 @@ class VLLMRolloutEngine:
             )
             self._warned_logprobs = True
         prompts = [self._tokens_prompt(prompt_token_ids=list(ids)) for ids in prompt_ids]
-        outputs = self.llm.generate(prompts, self.sampling_params(num_samples, params), use_tqdm=False)
+        trainer_threads = torch.get_num_threads()
+        torch.set_num_threads(GENERATE_THREADS)
+        try:
+            outputs = self.llm.generate(prompts, self.sampling_params(num_samples, params), use_tqdm=False)
+        finally:
+            torch.set_num_threads(trainer_threads)
         if len(outputs) != len(prompt_ids):
             raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompt_ids)} prompts")
         return [[self._completion(out, params) for out in request.outputs] for request in outputs]
