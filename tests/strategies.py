@@ -20,6 +20,9 @@ from polopt.testing.strategies import (
     loss_configs,
     policy_batches,
     prompt_weights,
+    splits,
+    token_level_options,
+    token_weights,
 )
 
 __all__ = [
@@ -36,4 +39,7 @@ __all__ = [
     "loss_configs",
     "policy_batches",
     "prompt_weights",
+    "splits",
+    "token_level_options",
+    "token_weights",
 ]

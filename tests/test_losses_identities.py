@@ -1,7 +1,8 @@
 """Property tests: the identities of DESIGN.md that pin the six losses down (float64, autograd).
 
 1. On-policy, ε ≤ 1: ∇NFT(ω=grpo) = ∇GRPO (= ∇DAPO), ∇NFT(ω=dr_grpo) = ∇Dr.GRPO under the same
-   aggregation (Prop. 4.2, Remark A.3); for ε > 1 the negative tokens' gradient shrinks by 1/ε.
+   aggregation (Prop. 4.2, Remark A.3), at every ratio level; for ε > 1 the negative tokens'
+   gradient shrinks by 1/ε.
 2. NFT with neg_weight=0 and ω=constant is RFT; NFT is 0 at π_θ = π_old.
 3. InfoNCA with K=2, one right and one wrong answer, is DPO with π_ref = π_old.
 4. Off-policy gradients equal Eq. 11 (GRPO family: −A·R inside the clip region, 0 outside) and
@@ -64,10 +65,12 @@ from strategies import (
     loss_configs,
     policy_batches,
     prompt_weights,
+    splits,
 )
 
-from polopt.losses import get_loss, global_normalizer, group_correct_rate
-from polopt.testing.references import TIGHT, analytic_gradient, dpo_loss, loss_and_grad, reference_loss
+from polopt.losses import get_loss, group_correct_rate
+from polopt.losses.ratios import RATIO_LEVELS
+from polopt.testing.references import TIGHT, analytic_gradient, dpo_loss, loss_and_grad, reference_loss, split_loss_and_grad
 
 
 @given(policy_batches(), loss_configs())
@@ -81,13 +84,21 @@ def test_loss_values_match_the_equations(batch, config):
 # ---------------------------------------------------------------- identity 1 (Prop. 4.2, Remark A.3)
 
 
-@given(policy_batches(), loss_aggs, epsilons_at_most_one, clip_ranges, clip_ranges)
-def test_grpo_family_gradient_equals_nft_on_policy(batch, loss_agg, epsilon, clip_low, clip_high):
-    """Prop. 4.2: at R_t = 1 and ε ≤ 1, ∇NFT(ω=grpo) = ∇GRPO = ∇DAPO and ∇NFT(ω=dr_grpo) = ∇Dr.GRPO."""
+@given(policy_batches(), loss_aggs, st.sampled_from(RATIO_LEVELS), epsilons_at_most_one, clip_ranges, clip_ranges, st.data())
+def test_grpo_family_gradient_equals_nft_on_policy(batch, loss_agg, level, epsilon, clip_low, clip_high, data):
+    """Prop. 4.2: at R = 1 and ε ≤ 1, ∇NFT(ω=grpo) = ∇GRPO = ∇DAPO and ∇NFT(ω=dr_grpo) = ∇Dr.GRPO,
+    at every ratio level (on-policy each answer's ratio is 1 whatever the level, so both give each
+    answer the same coefficient), with or without a clamp of log R above 0 and a constant normaliser."""
     batch = batch.on_policy()
-    clip = dict(clip_low=clip_low, clip_high=clip_high, loss_agg=loss_agg)
-    _, nft_grpo = loss_and_grad(get_loss("nft", epsilon=epsilon, prompt_weight="grpo", loss_agg=loss_agg), batch)
-    _, nft_dr = loss_and_grad(get_loss("nft", epsilon=epsilon, prompt_weight="dr_grpo", loss_agg=loss_agg), batch)
+    shared = dict(
+        loss_agg=loss_agg,
+        ratio_level=level,
+        max_log_ratio=data.draw(st.none() | st.floats(0.01, 10.0)),
+        constant_normalizer=data.draw(st.none() | st.floats(0.5, 1000.0)),
+    )
+    clip = dict(clip_low=clip_low, clip_high=clip_high, **shared)
+    _, nft_grpo = loss_and_grad(get_loss("nft", epsilon=epsilon, prompt_weight="grpo", **shared), batch)
+    _, nft_dr = loss_and_grad(get_loss("nft", epsilon=epsilon, prompt_weight="dr_grpo", **shared), batch)
     _, grpo = loss_and_grad(get_loss("grpo", **clip), batch)
     _, dapo = loss_and_grad(get_loss("dapo", **clip), batch)
     _, dr_grpo = loss_and_grad(get_loss("dr_grpo", **clip), batch)
@@ -213,17 +224,6 @@ def test_nft_drives_policy_to_positive_policy_on_a_bandit(answers):
 # ---------------------------------------------------------------- identity 6
 
 
-@st.composite
-def splits(draw, batch: PolicyBatch, whole_groups: bool) -> list[torch.Tensor]:
-    """Row indices of 1–4 disjoint parts covering the batch (whole groups if asked)."""
-    units = batch.group_ids if whole_groups else torch.arange(batch.rewards.numel())
-    unique_units = units.unique()
-    parts = draw(st.integers(1, min(4, unique_units.numel())))
-    assignment = torch.tensor(draw(st.lists(st.integers(0, parts - 1), min_size=unique_units.numel(), max_size=unique_units.numel())))
-    part_of_row = assignment[torch.searchsorted(unique_units, units)]
-    return [rows for part in range(parts) if (rows := (part_of_row == part).nonzero().flatten()).numel()]
-
-
 @given(policy_batches(), loss_configs(), st.data())
 def test_split_batches_with_global_normalizer_match_whole(batch, config, data):
     """Micro-batches (or ranks), each trimmed to its own longest response and given r̂ of the whole
@@ -233,22 +233,6 @@ def test_split_batches_with_global_normalizer_match_whole(batch, config, data):
     whole_loss, whole_grad = loss_and_grad(loss_fn, batch)
 
     parts = data.draw(splits(batch, whole_groups=name == "infonca"))
-    normalizer = global_normalizer(loss_fn, batch.mask, group_ids=batch.group_ids)
-    correct_rate = group_correct_rate(batch.rewards, batch.group_ids)
-    logprobs = batch.leaf()
-    total = torch.zeros((), dtype=torch.float64)
-    for rows in parts:
-        width = max(int(batch.lengths[rows].max()), 1)
-        out = loss_fn(
-            logprobs[rows, :width],
-            batch.old_logprobs[rows, :width],
-            batch.mask[rows, :width],
-            batch.rewards[rows],
-            batch.group_ids[rows],
-            correct_rate=correct_rate[rows],
-            normalizer=normalizer,
-        )
-        out.loss.backward()
-        total = total + out.loss.detach()
+    total, grad = split_loss_and_grad(loss_fn, batch, parts)
     torch.testing.assert_close(total, whole_loss, **TIGHT)
-    torch.testing.assert_close(logprobs.grad, whole_grad, **TIGHT)
+    torch.testing.assert_close(grad, whole_grad, **TIGHT)

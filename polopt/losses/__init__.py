@@ -2,11 +2,11 @@
 
     from polopt.losses import get_loss
     loss_fn = get_loss("nft", epsilon=1.0, prompt_weight="dr_grpo")
-    out = loss_fn(logprobs, old_logprobs, mask, rewards, group_ids)
+    out = loss_fn(logprobs, old_logprobs, mask, rewards, group_ids)   # + token_weights=, ...
     out.loss.backward(); out.metrics   # dict of floats
 
-See base.py for the call contract, inputs.py for its checks, aggregation.py for `loss_agg` and
-the normalizer.
+See base.py for the call contract (rollout correction `token_weights=` included), inputs.py for
+its checks, aggregation.py for `loss_agg` and the normalizer.
 """
 
 from polopt.losses.aggregation import LOSS_AGG_MODES, NORMALIZER_KINDS, global_normalizer

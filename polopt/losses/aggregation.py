@@ -16,7 +16,13 @@ to exactly the whole-batch loss and gradient. The denominators ("normalizer kind
     sequences             B                (seq-mean-token-mean, seq-mean-token-sum)
     sequences_x_horizon   B · L            (seq-mean-token-sum-norm)
     groups                number of groups (InfoNCA: mean over groups)
-    none                  1                (token-sum)
+    none                  1                (token-sum), or a token-level loss's constant C
+
+A token-level loss's `constant_normalizer` C replaces the counted denominator by a constant of the
+run: loss = (numerator of `loss_agg`) / C, i.e. Σ_bt m ℓ / C, or Σ_b (Σ_t m ℓ / n_b) / C with
+seq-mean-token-mean (the NFT authors' code divides Σ_bt m ℓ by C = 1000). Its kind is "none": the
+same on every micro-batch and rank, never summed, so micro-batch losses add up to the whole
+batch's without any global count.
 
 Empty rows (n_b = 0) count as sequences and contribute 0. A denominator of 0 (no tokens at all) is
 replaced by 1: the numerator is then 0 and so is the loss.
@@ -24,6 +30,7 @@ replaced by 1: the numerator is then 0 and so is the loss.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import torch
@@ -44,6 +51,19 @@ def check_loss_agg(loss_agg: str) -> str:
     if loss_agg not in LOSS_AGG_MODES:
         raise ValueError(f"loss_agg must be one of {list(LOSS_AGG_MODES)}, got {loss_agg!r}")
     return loss_agg
+
+
+def check_constant_normalizer(value) -> Optional[float]:
+    """None, or a finite number > 0."""
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"constant_normalizer must be None or a number > 0, got {value!r}") from None
+    if not (math.isfinite(number) and number > 0):
+        raise ValueError(f"constant_normalizer must be None or a finite number > 0, got {value!r}")
+    return number
 
 
 def horizon(width: int, max_response_len: Optional[int]) -> int:
@@ -127,15 +147,19 @@ def global_normalizer(
         seq-mean-token-sum-norm   → B · L               (kind "sequences_x_horizon"; L below)
         infonca                   → number of groups    (kind "groups"; needs group_ids)
         token-sum                 → 1                   (kind "none")
+        constant_normalizer=C     → C                   (kind "none", whatever loss_agg)
 
     L is `max_response_len` if given here, else the loss's own `max_response_len`, else mask.shape[1]
     of this (whole) batch — micro-batches trimmed to shorter widths still divide by the same L.
     Data parallel: every kind but "none" is additive over disjoint parts of the batch (whole groups
     for "groups"), so all-reduce SUM of the per-rank values gives the global value; for "none" it
-    is 1 on every rank (do not sum it).
+    is 1 (or C) on every rank (do not sum it).
     """
     if hasattr(loss_fn_or_loss_agg, "normalizer_kind"):  # a PolicyLoss
         kind = loss_fn_or_loss_agg.normalizer_kind
+        constant = getattr(loss_fn_or_loss_agg, "constant_normalizer", None)
+        if constant is not None:
+            return float(constant)
         if max_response_len is None:
             max_response_len = loss_fn_or_loss_agg.max_response_len
     elif isinstance(loss_fn_or_loss_agg, str) and loss_fn_or_loss_agg in LOSS_AGG_MODES:

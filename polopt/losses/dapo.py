@@ -10,8 +10,6 @@ overlong reward shaping is left out so that rewards stay binary (Appendix B).
 
 from __future__ import annotations
 
-from typing import Optional
-
 from polopt.losses.grpo import GRPOLoss
 from polopt.losses.registry import register_loss
 
@@ -19,11 +17,6 @@ from polopt.losses.registry import register_loss
 @register_loss("dapo")
 class DAPOLoss(GRPOLoss):
     def __init__(
-        self,
-        clip_low: float = 0.2,
-        clip_high: float = 0.28,
-        loss_agg: str = "token-mean",
-        max_response_len: Optional[int] = None,
-        kl_coef: float = 0.0,
+        self, clip_low: float = 0.2, clip_high: float = 0.28, loss_agg: str = "token-mean", **options
     ) -> None:
-        super().__init__(clip_low, clip_high, loss_agg, max_response_len, kl_coef)
+        super().__init__(clip_low, clip_high, loss_agg, **options)

@@ -11,8 +11,6 @@ mask's width).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from polopt.losses.inputs import LossInputs
@@ -24,14 +22,9 @@ from polopt.losses.registry import register_loss
 @register_loss("dr_grpo")
 class DrGRPOLoss(GRPOLoss):
     def __init__(
-        self,
-        clip_low: float = 0.2,
-        clip_high: float = 0.2,
-        loss_agg: str = "seq-mean-token-sum-norm",
-        max_response_len: Optional[int] = None,
-        kl_coef: float = 0.0,
+        self, clip_low: float = 0.2, clip_high: float = 0.2, loss_agg: str = "seq-mean-token-sum-norm", **options
     ) -> None:
-        super().__init__(clip_low, clip_high, loss_agg, max_response_len, kl_coef)
+        super().__init__(clip_low, clip_high, loss_agg, **options)
 
     def advantages(self, inputs: LossInputs) -> torch.Tensor:
         return dr_grpo_advantage(inputs.rewards, inputs.correct_rate)

@@ -13,6 +13,8 @@ the value or the gradient.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 PROMPT_WEIGHTS = ("constant", "dr_grpo", "grpo")
@@ -46,6 +48,24 @@ def informative(correct_rate: torch.Tensor) -> torch.Tensor:
 def safe_correct_rate(correct_rate: torch.Tensor) -> torch.Tensor:
     """r̂ where informative, ½ elsewhere: keeps 1/r̂ and 1/(1 − r̂) finite on rows masked later."""
     return torch.where(informative(correct_rate), correct_rate, torch.full_like(correct_rate, 0.5))
+
+
+def check_correct_rate_clip(bounds) -> Optional[tuple[float, float]]:
+    """None, or (low, high) with 0 <= low < high <= 1 (a list from a config is fine)."""
+    if bounds is None:
+        return None
+    try:
+        low, high = (float(b) for b in bounds)
+    except (TypeError, ValueError):
+        raise ValueError(f"correct_rate_clip must be None or [low, high], got {bounds!r}") from None
+    if not 0 <= low < high <= 1:
+        raise ValueError(f"correct_rate_clip must be [low, high] with 0 <= low < high <= 1, got {bounds!r}")
+    return (low, high)
+
+
+def clip_correct_rate(correct_rate: torch.Tensor, bounds: Optional[tuple[float, float]]) -> torch.Tensor:
+    """r̂ clamped to [low, high] where the loss uses it (not for deciding which groups carry signal)."""
+    return correct_rate if bounds is None else correct_rate.clamp(*bounds)
 
 
 def prompt_weight(correct_rate: torch.Tensor, kind: str) -> torch.Tensor:

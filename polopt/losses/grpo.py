@@ -7,11 +7,14 @@
 `clip_low`/`clip_high` are ε_low/ε_high. The gradient is −A ∇R_t inside the clip region and 0
 outside it (Eq. 11). Default aggregation: mean over each sequence's tokens, then over sequences
 (`seq-mean-token-mean`), as in the GRPO paper.
+
+Options shared with NFT (ratios.py, aggregation.py): `ratio_level` ("sequence_mean" with
+`seq-mean-token-mean` is GSPO, Zheng et al. 2025: s = exp(mean_t log R_t), clipped per answer),
+`max_log_ratio` (plain clamp of log R above), `constant_normalizer` (a fixed denominator); and
+`max_response_len`, `kl_coef` (base.py).
 """
 
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 
@@ -25,14 +28,9 @@ from polopt.losses.registry import register_loss
 @register_loss("grpo")
 class GRPOLoss(TokenLevelLoss):
     def __init__(
-        self,
-        clip_low: float = 0.2,
-        clip_high: float = 0.2,
-        loss_agg: str = "seq-mean-token-mean",
-        max_response_len: Optional[int] = None,
-        kl_coef: float = 0.0,
+        self, clip_low: float = 0.2, clip_high: float = 0.2, loss_agg: str = "seq-mean-token-mean", **options
     ) -> None:
-        super().__init__(loss_agg, max_response_len, kl_coef)
+        super().__init__(loss_agg, **options)
         self.clip_low = check_number("clip_low", clip_low, low=0.0, high=1.0)
         self.clip_high = check_number("clip_high", clip_high, low=0.0, high=1.0)
 

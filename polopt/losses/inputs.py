@@ -31,6 +31,7 @@ class LossInputs:
     ref_logprobs: Optional[torch.Tensor]
     lengths: torch.Tensor  # [B] response tokens per row
     float_mask: torch.Tensor  # mask as 0/1 in the compute dtype
+    token_weights: Optional[torch.Tensor] = None  # [B, T] detached, compute dtype, 0 on padding
 
     @property
     def positive(self) -> torch.Tensor:
@@ -76,6 +77,7 @@ def prepare_inputs(
     correct_rate: Optional[torch.Tensor],
     normalizer: Optional[Normalizer],
     ref_logprobs: Optional[torch.Tensor],
+    token_weights: Optional[torch.Tensor] = None,
 ) -> LossInputs:
     """Check shapes and values (one device sync for all value checks) and cast to the compute dtype."""
     tensors = dict(logprobs=logprobs, old_logprobs=old_logprobs, mask=mask, rewards=rewards, group_ids=group_ids)
@@ -85,7 +87,15 @@ def prepare_inputs(
     if logprobs.dim() != 2 or not logprobs.is_floating_point():
         raise ValueError(f"logprobs must be a floating-point [B, T] tensor, got {logprobs.dtype} {_shape(logprobs)}")
     batch, width = logprobs.shape
-    for name, tensor in (("old_logprobs", old_logprobs), ("mask", mask), ("ref_logprobs", ref_logprobs)):
+    if token_weights is not None and not (isinstance(token_weights, torch.Tensor) and token_weights.is_floating_point()):
+        given = token_weights.dtype if isinstance(token_weights, torch.Tensor) else type(token_weights).__name__
+        raise TypeError(f"token_weights must be None or a floating-point torch.Tensor [B, T], got {given}")
+    for name, tensor in (
+        ("old_logprobs", old_logprobs),
+        ("mask", mask),
+        ("ref_logprobs", ref_logprobs),
+        ("token_weights", token_weights),
+    ):
         if tensor is not None and tensor.shape != logprobs.shape:
             raise ValueError(f"{name} must have the shape of logprobs {[batch, width]}, got {_shape(tensor)}")
     for name, tensor in (("rewards", rewards), ("group_ids", group_ids), ("correct_rate", correct_rate)):
@@ -100,8 +110,11 @@ def prepare_inputs(
     if correct_rate is None:
         correct_rate = group_correct_rate(rewards, group_ids)
     correct_rate = correct_rate.to(device=device, dtype=dtype)
+    if token_weights is not None:
+        # Constants of the loss (no gradient flows into them); padding may hold anything.
+        token_weights = torch.where(bool_mask, token_weights.detach().to(device=device, dtype=dtype), 0.0)
 
-    check_values(rewards, mask.to(device), correct_rate, normalizer)
+    check_values(rewards, mask.to(device), correct_rate, normalizer, token_weights)
 
     logprobs, old_logprobs = logprobs.to(dtype), old_logprobs.to(device=device, dtype=dtype)
     if ref_logprobs is not None:
@@ -117,11 +130,16 @@ def prepare_inputs(
         ref_logprobs=ref_logprobs,
         lengths=torch.count_nonzero(bool_mask, dim=-1),
         float_mask=bool_mask.to(dtype),
+        token_weights=token_weights,
     )
 
 
 def check_values(
-    rewards: torch.Tensor, mask: torch.Tensor, correct_rate: torch.Tensor, normalizer: Optional[Normalizer]
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    correct_rate: torch.Tensor,
+    normalizer: Optional[Normalizer],
+    token_weights: Optional[torch.Tensor] = None,
 ) -> None:
     """Value checks that need the data; one device sync for all of them (more only on failure)."""
     checks = [
@@ -139,6 +157,9 @@ def check_values(
     if normalizer is not None:
         value = torch.as_tensor(normalizer, dtype=torch.float64).to(rewards.device)
         checks.append(("normalizer", value, ~(torch.isfinite(value) & (value >= 0)), "must be a finite number >= 0"))
+    if token_weights is not None:  # already 0 on padding
+        bad_weights = ~(torch.isfinite(token_weights) & (token_weights >= 0))
+        checks.append(("token_weights", token_weights, bad_weights, "must be finite and >= 0 on response tokens"))
     failed = torch.stack([bad.any() for _, _, bad, _ in checks]).tolist()
     for (name, given, bad, expected), has_failed in zip(checks, failed):
         if has_failed:

@@ -11,6 +11,17 @@
 ω · neg_weight · r̂/(1 − r̂) / max((1 − r̂ R_t)/(1 − r̂), ε) (Eq. 12; with ω = grpo, ω·r̂/(1 − r̂) = −A⁻).
 The loss is 0 at π_θ = π_old when ε ≤ 1.
 Defaults follow Appendix B: ε = 1, ω = 1 − r̂, token-level normalisation (`token-mean`).
+
+Options (defaults keep the equation above; the NFT authors' code, NVlabs/NFT, uses the values in
+brackets — docs/losses.md lists every difference):
+    ratio_level          "token" | "sequence_sum" | "sequence_mean": R_t of one token, or one ratio
+                         per answer, exp Σ_t log R_t (Eq. 9, the authors' sequence mode) or
+                         exp mean_t log R_t (ratios.py)                                 ["token"]
+    max_log_ratio        c: log R ← min(log R, c), a plain clamp (zero gradient above c)     [10]
+    correct_rate_clip    [lo, hi]: r̂ ← clamp(r̂, lo, hi) in the negative ratio and in ω(q); which
+                         groups carry signal is still decided by the unclipped r̂   [[0.02, 0.98]]
+    constant_normalizer  C: loss = Σ_bt m ℓ / C (with a Σ_bt loss_agg, e.g. token-sum)   [1000]
+and `max_response_len`, `kl_coef` (base.py).
 """
 
 from __future__ import annotations
@@ -21,7 +32,13 @@ import torch
 
 from polopt.losses.base import TokenLevelLoss
 from polopt.losses.inputs import LossInputs, check_number
-from polopt.losses.group_stats import PROMPT_WEIGHTS, prompt_weight, safe_correct_rate
+from polopt.losses.group_stats import (
+    PROMPT_WEIGHTS,
+    check_correct_rate_clip,
+    clip_correct_rate,
+    prompt_weight,
+    safe_correct_rate,
+)
 from polopt.losses.ratios import likelihood_ratio, max_v
 from polopt.losses.registry import register_loss
 
@@ -34,10 +51,12 @@ class NFTLoss(TokenLevelLoss):
         prompt_weight: str = "dr_grpo",
         neg_weight: float = 1.0,
         loss_agg: str = "token-mean",
-        max_response_len: Optional[int] = None,
-        kl_coef: float = 0.0,
+        *,
+        correct_rate_clip: Optional[tuple[float, float]] = None,
+        **options,
     ) -> None:
-        super().__init__(loss_agg, max_response_len, kl_coef)
+        super().__init__(loss_agg, **options)
+        self.correct_rate_clip = check_correct_rate_clip(correct_rate_clip)
         self.epsilon = check_number("epsilon", epsilon, low=0.0)
         if prompt_weight not in PROMPT_WEIGHTS:
             raise ValueError(f"prompt_weight must be one of {PROMPT_WEIGHTS}, got {prompt_weight!r}")
@@ -45,8 +64,9 @@ class NFTLoss(TokenLevelLoss):
         self.neg_weight = check_number("neg_weight", neg_weight, low=0.0, low_open=False)
 
     def token_losses(self, inputs: LossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        correct_rate = safe_correct_rate(inputs.correct_rate)[:, None]
-        weight = prompt_weight(inputs.correct_rate, self.prompt_weight)[:, None]
+        clipped_rate = clip_correct_rate(inputs.correct_rate, self.correct_rate_clip)
+        correct_rate = safe_correct_rate(clipped_rate)[:, None]
+        weight = prompt_weight(clipped_rate, self.prompt_weight)[:, None]
         positive = inputs.positive[:, None]
         negative_ratio = (1 - correct_rate * likelihood_ratio(inputs.log_ratio)) / (1 - correct_rate)
         positive_term = -inputs.log_ratio

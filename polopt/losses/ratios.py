@@ -1,11 +1,25 @@
-"""Likelihood ratios, the straight-through max_v, and the k3 KL estimator.
+"""Likelihood ratios (with their level and clamp), the straight-through max_v, and the k3 KL estimator.
 
     R_t = π_θ(a_t | q, a_<t) / π_old(a_t | q, a_<t) = exp(log π_θ − log π_old)      (Eq. 3)
     max_v(x, ε) = value max(x, ε), gradient of x                   (Algorithm 1, lines 2–3)
     k3_t = π_ref/π_θ − log(π_ref/π_θ) − 1                          (Schulman's k3, ≥ 0)
+
+The log-ratio a token-level loss uses (`policy_log_ratio`), for an answer of n response tokens:
+
+    ratio_level="token"           log R_t                                (Eq. 3; the default)
+    ratio_level="sequence_sum"    Σ_t' log R_t' on every token t         (one ratio per answer:
+                                  log π_θ(a|q) − log π_old(a|q), NFT's sequence mode, Eq. 9)
+    ratio_level="sequence_mean"   (1/n) Σ_t' log R_t' on every token t   (GSPO, Zheng et al. 2025)
+
+then, if `max_log_ratio` = c is set, min(log R, c): a plain clamp, so a token (or answer) whose
+log-ratio exceeds c contributes a constant with zero gradient (the NFT authors' code uses c = 10).
+The gradient flows through the sum/mean: a sequence level gives every token of an answer the
+answer's coefficient, as the sequence objective's gradient does.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -14,10 +28,38 @@ import torch
 # that far off-policy already have GRPO's gradient clipped to 0; past the cap NFT's is 0 as well.
 MAX_LOG_RATIO = 60.0
 
+RATIO_LEVELS = ("token", "sequence_sum", "sequence_mean")
+
 
 def masked_log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """log R_t on response tokens, exactly 0 on padding (whatever the padding holds, even NaN)."""
     return torch.where(mask, logprobs - old_logprobs, 0.0)
+
+
+def check_ratio_level(ratio_level: str) -> str:
+    if ratio_level not in RATIO_LEVELS:
+        raise ValueError(f"ratio_level must be one of {RATIO_LEVELS}, got {ratio_level!r}")
+    return ratio_level
+
+
+def policy_log_ratio(
+    log_ratio: torch.Tensor,
+    mask: torch.Tensor,
+    lengths: torch.Tensor,
+    ratio_level: str = "token",
+    max_log_ratio: Optional[float] = None,
+) -> torch.Tensor:
+    """The log-ratio [B, T] a token-level loss uses at `ratio_level`, clamped above at `max_log_ratio`
+    (module docstring); 0 on padding. `log_ratio` is log R_t, 0 on padding."""
+    if ratio_level == "sequence_sum":
+        log_ratio = torch.where(mask, log_ratio.sum(dim=-1, keepdim=True), 0.0)
+    elif ratio_level == "sequence_mean":
+        log_ratio = torch.where(mask, log_ratio.sum(dim=-1, keepdim=True) / lengths.clamp(min=1)[:, None], 0.0)
+    elif ratio_level != "token":
+        check_ratio_level(ratio_level)
+    if max_log_ratio is not None:
+        log_ratio = log_ratio.clamp(max=max_log_ratio)
+    return log_ratio
 
 
 def likelihood_ratio(log_ratio: torch.Tensor) -> torch.Tensor:

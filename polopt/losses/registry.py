@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Callable, TypeVar
 
-from polopt.losses.base import PolicyLoss
+from polopt.losses.base import PolicyLoss, hparam_names
 
 _REGISTRY: dict[str, type[PolicyLoss]] = {}
 
@@ -29,10 +28,6 @@ def register_loss(name: str) -> Callable[[LossClass], LossClass]:
 
 def list_losses() -> list[str]:
     return sorted(_REGISTRY)
-
-
-def hparam_names(cls: type[PolicyLoss]) -> list[str]:
-    return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
 
 
 def get_loss(name: str, **hparams) -> PolicyLoss:

@@ -5,11 +5,12 @@
 Eq. 10 with the negative term dropped and ω(q) = 1 (Appendix B, "RFT zeros out negative data loss
 in NFT implementation and keeps a constant prompt weight"). −log π_old is a baseline: the gradient
 is the SFT gradient −∇log π_θ on positive tokens, and the loss is 0 at π_θ = π_old.
+The token-level options (`max_response_len`, `kl_coef`, `ratio_level`, `max_log_ratio`,
+`constant_normalizer`; base.py) are NFT's too, so NFT with neg_weight = 0 and ω = 1 stays RFT
+under every option.
 """
 
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 
@@ -20,10 +21,8 @@ from polopt.losses.registry import register_loss
 
 @register_loss("rft")
 class RFTLoss(TokenLevelLoss):
-    def __init__(
-        self, loss_agg: str = "token-mean", max_response_len: Optional[int] = None, kl_coef: float = 0.0
-    ) -> None:
-        super().__init__(loss_agg, max_response_len, kl_coef)
+    def __init__(self, loss_agg: str = "token-mean", **options) -> None:
+        super().__init__(loss_agg, **options)
 
     def token_losses(self, inputs: LossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return torch.where(inputs.positive[:, None], -inputs.log_ratio, 0.0), {}

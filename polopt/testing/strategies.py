@@ -10,6 +10,7 @@ torch.Generator, so examples stay cheap and shrink to small structures.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 
 from polopt.losses.aggregation import LOSS_AGG_MODES
 from polopt.losses.group_stats import PROMPT_WEIGHTS
+from polopt.losses.ratios import RATIO_LEVELS
 
 TOKEN_LEVEL_LOSSES = ["nft", "rft", "grpo", "dr_grpo", "dapo"]
 
@@ -119,8 +121,28 @@ prompt_weights = st.sampled_from(list(PROMPT_WEIGHTS))
 
 
 @st.composite
-def loss_configs(draw, names: tuple[str, ...] = ("nft", "rft", "grpo", "dr_grpo", "dapo", "infonca")):
-    """(name, hyperparameters) of any registered loss, over the valid ranges of its knobs."""
+def token_level_options(draw, name: str) -> dict:
+    """The token-level losses' options (ratio level, clamp of log R, constant normaliser; NFT: clip
+    of r̂), each drawn or left at its default, with ranges where the clamps do act on our batches."""
+    options = dict(
+        ratio_level=draw(st.sampled_from(RATIO_LEVELS)),
+        max_log_ratio=draw(st.none() | st.floats(0.05, 3.0)),
+        constant_normalizer=draw(st.none() | st.floats(0.5, 1000.0)),
+    )
+    if name == "nft":
+        clip = draw(st.none() | st.tuples(st.floats(0.0, 0.45), st.floats(0.55, 1.0)))
+        options["correct_rate_clip"] = None if clip is None else list(clip)
+    return options
+
+
+@st.composite
+def loss_configs(
+    draw,
+    names: tuple[str, ...] = ("nft", "rft", "grpo", "dr_grpo", "dapo", "infonca"),
+    options: Optional[bool] = None,
+):
+    """(name, hyperparameters) of any registered loss, over the valid ranges of its knobs; the
+    token-level options are drawn half of the time (`options`: always or never)."""
     name = draw(st.sampled_from(names))
     if name == "nft":
         hparams = dict(
@@ -135,7 +157,35 @@ def loss_configs(draw, names: tuple[str, ...] = ("nft", "rft", "grpo", "dr_grpo"
         hparams = dict(clip_low=draw(clip_ranges), clip_high=draw(clip_ranges), loss_agg=draw(loss_aggs))
     else:
         hparams = dict(beta=draw(st.floats(0.01, 2.0)), sft_coef=draw(st.floats(0.0, 1.0)))
+    if name in TOKEN_LEVEL_LOSSES and (draw(st.booleans()) if options is None else options):
+        hparams.update(draw(token_level_options(name)))
     return name, hparams
+
+
+@st.composite
+def token_weights(draw, batch: PolicyBatch, padding_value: float = math.nan) -> torch.Tensor:
+    """Rollout-correction weights [B, T] for `batch`: each token 0, 1 or uniform in [0, 3] (the mix
+    drawn per example, so some examples are all ones or all zeros), `padding_value` on padding."""
+    kinds = draw(st.lists(st.sampled_from(["zero", "one", "uniform"]), min_size=1, max_size=3, unique=True))
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    shape = batch.logprobs.shape
+    choice = torch.randint(len(kinds), shape, generator=generator)
+    values = {"zero": torch.zeros(shape), "one": torch.ones(shape), "uniform": 3 * torch.rand(shape, generator=generator)}
+    weights = torch.zeros(shape, dtype=torch.float64)
+    for position, kind in enumerate(kinds):
+        weights = torch.where(choice == position, values[kind].double(), weights)
+    return torch.where(batch.mask, weights, padding_value).to(batch.logprobs.dtype)
+
+
+@st.composite
+def splits(draw, batch: PolicyBatch, whole_groups: bool) -> list[torch.Tensor]:
+    """Row indices of 1–4 disjoint parts covering the batch (whole groups if asked)."""
+    units = batch.group_ids if whole_groups else torch.arange(batch.rewards.numel())
+    unique_units = units.unique()
+    parts = draw(st.integers(1, min(4, unique_units.numel())))
+    assignment = torch.tensor(draw(st.lists(st.integers(0, parts - 1), min_size=unique_units.numel(), max_size=unique_units.numel())))
+    part_of_row = assignment[torch.searchsorted(unique_units, units)]
+    return [rows for part in range(parts) if (rows := (part_of_row == part).nonzero().flatten()).numel()]
 
 
 @st.composite
