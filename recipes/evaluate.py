@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torchtune import config, training, utils
+from torchtune.config._utils import _get_component_from_path
 
 from polopt.evaluation import evaluate_prompts
 from polopt.prompts import PromptDataset, load_rows
@@ -66,7 +67,7 @@ class EvaluateRecipe:
         self.tokenizer = config.instantiate(cfg.tokenizer)
         decode = partial(self.tokenizer.decode, skip_special_tokens=True)
         engine_cfg = cfg.rollout.engine
-        if engine_cfg._component_.endswith("NativeRolloutEngine"):
+        if _get_component_from_path(engine_cfg._component_).shares_trainer_model:
             state = config.instantiate(cfg.checkpointer).load_checkpoint()[training.MODEL_KEY]
             with training.set_default_dtype(self.dtype), self.device:
                 self.model = config.instantiate(cfg.model)

@@ -273,7 +273,7 @@ class OnlineRLRecipe(FTRecipeInterface):
                     micro.group_ids,
                     correct_rate=micro.correct_rate,
                     normalizer=normalizer.item(),
-                    **({} if micro.rollout_weights is None else {"token_weights": micro.rollout_weights}),
+                    token_weights=micro.rollout_weights,
                 )
                 # FSDP2 averages gradients over ranks; the normaliser is global, so scale back to a sum.
                 (out.loss * self.world_size).backward()

@@ -279,3 +279,16 @@ def test_evaluate_recipe_with_the_vllm_engine(tmp_path):
     arith = json.loads((tmp_path / "eval.json").read_text())["datasets"]["arith"]
     assert arith["n_questions"] == 32 and arith["k"] == 2
     assert 0 < arith["avg_at_k"] <= arith["pass_at_k"] <= 1
+
+
+def test_a_step_without_the_sampled_token_or_with_nan_is_an_error():
+    """vLLM always returns the sampled token's entry (logprobs=0); if it did not, the engine says so."""
+    from vllm.logprobs import Logprob
+
+    from polopt.rollout.vllm import _sampled_logprob
+
+    assert _sampled_logprob({7: Logprob(logprob=-0.25)}, 7) == -0.25
+    with pytest.raises(RuntimeError, match="lack the sampled token 7"):
+        _sampled_logprob({8: Logprob(logprob=-0.25)}, 7)
+    with pytest.raises(RuntimeError, match="NaN log-prob for token 7"):
+        _sampled_logprob({7: Logprob(logprob=float("nan"))}, 7)
