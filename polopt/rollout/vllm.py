@@ -108,6 +108,13 @@ class VLLMRolloutEngine:
         # replaces torch.set_num_threads by a no-op. The trainer gets both back; `generate` runs
         # vLLM on its 1 thread (`GENERATE_THREADS`).
         trainer_threads, set_num_threads = torch.get_num_threads(), torch.set_num_threads
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            # A seeded request whose prompt is prefilled in chunks crashes vLLM's CPU runner (it
+            # rewinds the request's generator, and a CPU torch.Generator has no offset:
+            # gpu_model_runner._bookkeeping_sync); whole-prompt prefills never rewind.
+            llm_kwargs.setdefault("enable_chunked_prefill", False)
         try:
             self.llm = vllm.LLM(
                 model=model_name_or_path,
