@@ -249,10 +249,11 @@ def read_metrics(log_dir: Path) -> list[dict[str, float]]:
 def test_tune_run_trains_through_vllm_with_rollout_correction(tmp_path):
     """(c, short) A few real steps of configs/tiny_arith_vllm.yaml with the correction on: weights
     are synced every step (the engine's log-probs stay within the bound of the trainer's), the
-    correction's metrics are logged and the run finishes with a final/ model."""
+    correction's metrics are logged and the run finishes with a final/ model. A missed sync would
+    show: one AdamW step at lr 1e-4 moves the log-probs by far more than the bound."""
     proc = tune_run(
         "recipes/online_rl_distributed.py", "configs/tiny_arith_vllm.yaml", f"output_dir={tmp_path}",
-        "max_steps=4", "rollout.num_prompts=8", "validation.every_n_steps=0", "checkpoint_every_n_steps=null",
+        "max_steps=4", "rollout.num_prompts=8", "validation.max_questions=16", "checkpoint_every_n_steps=null",
         "rollout_correction.enabled=true", "rollout_correction.mode=mask",
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -261,7 +262,7 @@ def test_tune_run_trains_through_vllm_with_rollout_correction(tmp_path):
     for r in rows:
         assert r["rollout_correction/logprob_abs_diff_mean"] < LOGPROB_BOUND
         assert r["rollout_correction/masked_fraction"] == 0.0
-    assert (tmp_path / "final" / "model.safetensors").exists() or any(tmp_path.glob("**/model.safetensors"))
+    assert any((tmp_path / "final").glob("*.safetensors"))
 
 
 def test_evaluate_recipe_with_the_vllm_engine(tmp_path):
@@ -271,9 +272,9 @@ def test_evaluate_recipe_with_the_vllm_engine(tmp_path):
         "recipes/evaluate.py", "configs/evaluate.yaml", f"output_dir={tmp_path}", "k=2",
         "datasets=[{source: assets/tiny_arith/val.jsonl, name: arith, max_questions: 32}]",
         "rollout.engine._component_=polopt.rollout.VLLMRolloutEngine",
-        "+rollout.engine.model_name_or_path=assets/tiny_arith", "+rollout.engine.dtype=float32",
-        "+rollout.engine.enforce_eager=true", "+rollout.engine.max_model_len=128",
-        "+rollout.engine.kv_cache_memory_bytes=33554432",
+        "rollout.engine.model_name_or_path=assets/tiny_arith", "rollout.engine.dtype=float32",
+        "rollout.engine.enforce_eager=true", "rollout.engine.max_model_len=128",
+        "rollout.engine.kv_cache_memory_bytes=33554432",
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     arith = json.loads((tmp_path / "eval.json").read_text())["datasets"]["arith"]
