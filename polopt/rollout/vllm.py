@@ -137,6 +137,7 @@ class VLLMRolloutEngine:
         finally:
             torch.set_num_threads = set_num_threads
             torch.set_num_threads(trainer_threads)
+        self.dtype = self.llm.llm_engine.model_config.dtype  # what its parameters hold
         if decode is None:
             tokenizer = self.llm.get_tokenizer()
             decode = partial(tokenizer.decode, skip_special_tokens=True)
@@ -207,7 +208,9 @@ class VLLMRolloutEngine:
                 raise
             raise ValueError(f"a trainer weight has no place in the vLLM engine model {self.model_name_or_path}: {e}") from e
         check_weights_match(weights, self.expected_shapes, self.tie_word_embeddings, self.model_name_or_path)
-        self.llm.collective_rpc(_reload_weights, args=(list(weights.items()),))
+        # In the engine's dtype already: half the bytes for a bf16 engine, and no cast per weight.
+        weights = [(name, tensor.detach().to(self.dtype)) for name, tensor in weights.items()]
+        self.llm.collective_rpc(_reload_weights, args=(weights,))
         # Cached prefixes were computed with the old weights.
         self.llm.reset_prefix_cache()
 
