@@ -472,6 +472,9 @@ class OnlineRLRecipe(FTRecipeInterface):
             self.verifier.close()
         if self._distributed:
             dist.barrier()  # without it, an occasional rank aborts at exit (NOTES.md)
+        if hasattr(self.engine, "close"):
+            self.engine.close()  # vLLM's shutdown also destroys the default process group
+        if self._distributed and dist.is_initialized():
             dist.destroy_process_group()
 
 

@@ -231,8 +231,8 @@ def test_memory_the_machine_cannot_give_names_the_key_to_lower():
 # ---------------------------------------------------------------- recipes through vLLM
 
 
-def tune_run(recipe: str, config: str, *overrides: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    cmd = [TUNE, "run", recipe, "--config", config, *overrides]
+def tune_run(recipe: str, config: str, *overrides: str, nproc: int = 1, timeout: int = 900) -> subprocess.CompletedProcess:
+    cmd = [TUNE, "run", *(["--nproc_per_node", str(nproc)] if nproc > 1 else []), recipe, "--config", config, *overrides]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
 
@@ -246,19 +246,20 @@ def read_metrics(log_dir: Path) -> list[dict[str, float]]:
     return rows
 
 
-def test_tune_run_trains_through_vllm_with_rollout_correction(tmp_path):
-    """(c, short) A few real steps of configs/tiny_arith_vllm.yaml with the correction on: weights
-    are synced every step (the engine's log-probs stay within the bound of the trainer's), the
-    correction's metrics are logged and the run finishes with a final/ model. A missed sync would
-    show: one AdamW step at lr 1e-4 moves the log-probs by far more than the bound."""
+def test_tune_run_on_two_ranks_each_with_its_own_vllm_engine(tmp_path):
+    """(c, short; layout) Two real steps of configs/tiny_arith_vllm.yaml on 2 ranks (FSDP2, gloo),
+    one in-process vLLM engine per rank, correction on: weights are synced every step (the
+    engine's log-probs stay within the bound of the trainer's; one AdamW step at lr 1e-4 moves them
+    by far more), the correction's metrics are logged, the run ends cleanly with a final/ model."""
     proc = tune_run(
         "recipes/online_rl_distributed.py", "configs/tiny_arith_vllm.yaml", f"output_dir={tmp_path}",
-        "max_steps=4", "rollout.num_prompts=8", "validation.max_questions=16", "checkpoint_every_n_steps=null",
-        "rollout_correction.enabled=true", "rollout_correction.mode=mask",
+        "max_steps=2", "validation.max_questions=16", "checkpoint_every_n_steps=null",
+        "rollout_correction.enabled=true", "rollout_correction.mode=mask", nproc=2,
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    assert json.loads((tmp_path / "summary.json").read_text())["world_size"] == 2
     rows = [r for r in read_metrics(tmp_path / "logs") if "rollout_correction/ratio_max" in r]
-    assert len(rows) == 4
+    assert len(rows) == 2
     for r in rows:
         assert r["rollout_correction/logprob_abs_diff_mean"] < LOGPROB_BOUND
         assert r["rollout_correction/masked_fraction"] == 0.0

@@ -215,6 +215,13 @@ class VLLMRolloutEngine:
         self.llm.reset_prefix_cache()
 
 
+    def close(self) -> None:
+        """Shut the in-process engine down now rather than at interpreter exit. vLLM's shutdown
+        tears down torch.distributed, the default process group included: call it after the
+        trainer's last collective."""
+        self.llm.llm_engine.engine_core.shutdown()
+
+
 def _reload_weights(worker, weights) -> None:
     """Runs in the vLLM worker: the in-place reload, then re-processing of tied modules (module
     docstring: a tied lm_head keeps a packed copy of the old embedding on CPU)."""
