@@ -215,6 +215,7 @@ def measure(args) -> dict:
         "max_logit_diff_torchtune_vs_hf": max_diff,
         "results": results,
         "vllm": __import__("vllm").__version__ if args.vllm else None,
+        "load_average_1min": __import__("os").getloadavg()[0],
         "sync_weights": sync,
     }
 
@@ -264,7 +265,8 @@ def markdown(run: dict) -> str:
         f"Date: {run['date']}. Command: `{run['command']}`.",
         f"Machine: {run['platform']}, {run['device_name']}, {run['cpu_count']} CPUs, torch threads "
         f"{run['torch_threads']}; python {run['python']}, torch {run['torch']}, torchtune {run['torchtune']}, "
-        f"transformers {run['transformers']}.",
+        f"transformers {run['transformers']}."
+        + (f" Other jobs shared the machine: 1-min load average {run['load_average_1min']:.1f} at the end." if "load_average_1min" in run else ""),
         "",
         ("Ran on GPU." if run["ran_on_gpu"] else "Not run on a GPU (none was available): CPU figures only; "
          "`--device cuda --dtype bfloat16` runs the same script unchanged on one."),
