@@ -154,18 +154,24 @@ def test_sync_weights_reaches_every_weight_tied_embedding_included(tiny, engine,
         assert max_diff(batch, old_logprobs) > 1e-2, names
 
 
-def test_untied_model_syncs_lm_head(tmp_path, tiny):
-    """An untied checkpoint (its own lm_head, as Qwen2.5-Math-7B): lm_head reaches the engine.
-    Run in a child process: one vllm.LLM per process."""
+@pytest.fixture(scope="session")
+def untied_dir(tmp_path_factory) -> Path:
+    """An untied copy of the tiny model (its own lm_head, as Qwen2.5-Math-7B), with its tokenizer."""
     import transformers
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(ASSET), dtype=torch.float32)
     hf.config.tie_word_embeddings = False
     hf.lm_head.weight = torch.nn.Parameter(hf.model.embed_tokens.weight.detach().clone() + 0.05)
-    untied_dir = tmp_path / "untied"
-    hf.save_pretrained(untied_dir)
+    path = tmp_path_factory.mktemp("untied")
+    hf.save_pretrained(path)
     for name in ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens.json"):
-        (untied_dir / name).write_bytes((ASSET / name).read_bytes())
+        (path / name).write_bytes((ASSET / name).read_bytes())
+    return path
+
+
+def test_untied_model_syncs_lm_head(untied_dir):
+    """lm_head alone, then every weight, changed and synced: the engine follows each time.
+    Run in a child process: one vllm.LLM per process."""
     proc = subprocess.run(
         [sys.executable, str(REPO / "tests" / "scripts" / "vllm_untied_sync.py"), str(untied_dir)],
         capture_output=True, text=True, timeout=600, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
@@ -264,6 +270,19 @@ def test_tune_run_on_two_ranks_each_with_its_own_vllm_engine(tmp_path):
         assert r["rollout_correction/logprob_abs_diff_mean"] < LOGPROB_BOUND
         assert r["rollout_correction/masked_fraction"] == 0.0
     assert any((tmp_path / "final").glob("*.safetensors"))
+
+
+def test_engine_model_that_does_not_fit_the_trainer_is_a_setup_error(tmp_path, untied_dir):
+    """The trainer loads the tied tiny model, the engine an untied one: exit code 2 at setup, one
+    line naming both."""
+    proc = tune_run(
+        "recipes/online_rl_distributed.py", "configs/tiny_arith_vllm.yaml", f"output_dir={tmp_path}",
+        f"rollout.engine.model_name_or_path={untied_dir}",
+    )
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    assert "Traceback" not in proc.stderr
+    assert (f"rollout.engine does not fit model (polopt.models.tiny_arith): trainer model and vLLM engine model "
+            f"{untied_dir} differ in tied embeddings: trainer tie_word_embeddings=True, engine tie_word_embeddings=False") in proc.stderr
 
 
 def test_evaluate_recipe_with_the_vllm_engine(tmp_path):
