@@ -151,7 +151,12 @@ class OnlineRLRecipe(FTRecipeInterface):
         decode = partial(self.tokenizer.decode, skip_special_tokens=True)
         self.rollout_correction = _setup_rollout_correction(cfg)
         if not _get_component_from_path(engine_cfg._component_).shares_trainer_model:
-            engine = config.instantiate(engine_cfg, decode=decode)
+            try:
+                # vLLM's and the engine's own construction errors are about the config (memory,
+                # tensor_parallel_size, max_model_len, ...)
+                engine = config.instantiate(engine_cfg, decode=decode)
+            except ValueError as e:
+                raise ConfigError(f"rollout.engine: {e}") from e
             try:
                 # Checks the engine's model against the trainer's before step 1, and starts both
                 # from the same weights (the engine loaded its own checkpoint).
