@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "benchmarks" / "results"
+# POLOPT_BENCH_RESULTS redirects every script's results (gpu_check.sh's smoke run writes to a temp dir).
+RESULTS = Path(os.environ.get("POLOPT_BENCH_RESULTS") or REPO / "benchmarks" / "results")
 
 
 def environment(device: str) -> dict:

@@ -42,7 +42,14 @@ from torchtune.recipe_interfaces import FTRecipeInterface
 from tqdm import tqdm
 
 from polopt.batch import RolloutBatch
-from polopt.checkpoint import load_latest_training_state, save_hf_model, save_training_state
+from polopt.checkpoint import (
+    latest_checkpoint,
+    load_training_state,
+    rng_state,
+    save_hf_model,
+    save_training_state,
+    set_rng_state,
+)
 from polopt.evaluation import evaluate_prompts, merge_counts
 from polopt.filtering import DynamicSampler
 from polopt.losses import get_loss, global_normalizer
@@ -86,8 +93,9 @@ class OnlineRLRecipe(FTRecipeInterface):
         self.tokenizer = config.instantiate(cfg.tokenizer)
         self.model = self._setup_model(cfg, model_state)
         self.optimizer = config.instantiate(cfg.optimizer, self.model.parameters())
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, partial(_linear_warmup, warmup_steps=cfg.lr_warmup_steps)
+        # torchtune's schedule with zero cosine cycles: linear warm-up from 0, then constant.
+        self.lr_scheduler = training.lr_schedulers.get_cosine_schedule_with_warmup(
+            self.optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_steps, num_cycles=0.0
         )
         self.verifier = config.instantiate(cfg.verifier)
         self.engine = self._setup_rollout_engine(cfg, model_state)
@@ -395,54 +403,38 @@ class OnlineRLRecipe(FTRecipeInterface):
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
-        model_state = self._full_state_dict()
-        if self._distributed:
-            optim_state = training.get_full_optimizer_state_dict(self.model, self.optimizer, self._is_rank_zero)
-        else:
-            optim_state = self.optimizer.state_dict()
-        # Each rank owns its own prompt-stream position; rank 0 writes them all.
-        streams = [None] * self.world_size
-        if self._distributed:
-            dist.all_gather_object(streams, self.prompt_stream.state_dict())
-        else:
-            streams = [self.prompt_stream.state_dict()]
+        """Sharded: each rank writes its model/optimiser shards and its own data position (DCP)."""
+        path = save_training_state(
+            self.output_dir,
+            self.global_step,
+            self.model,
+            self.optimizer,
+            trainer_state={
+                "lr_scheduler": self.lr_scheduler.state_dict(),
+                "history": self.history,
+                "nan_steps": self.nan_steps,
+                "config": OmegaConf.to_container(self.cfg, resolve=True),
+            },
+            rank_state={"prompt_stream": self.prompt_stream.state_dict(), "rng": rng_state()},
+            keep_last=self.cfg.keep_last_checkpoints,
+        )
         if self._is_rank_zero:
-            path = save_training_state(
-                self.output_dir,
-                self.global_step,
-                {
-                    "model": {k: v.cpu() for k, v in model_state.items()},
-                    "optimizer": optim_state,
-                    "lr_scheduler": self.lr_scheduler.state_dict(),
-                    "prompt_streams": streams,
-                    "history": self.history,
-                    "nan_steps": self.nan_steps,
-                    "config": OmegaConf.to_container(self.cfg, resolve=True),
-                },
-                keep_last=self.cfg.keep_last_checkpoints,
-            )
             log.info(f"checkpoint written: {path}")
-        if self._distributed:
-            dist.barrier()
 
     def load_checkpoint(self) -> None:
-        state = load_latest_training_state(self.output_dir)
-        if state is None:
+        path = latest_checkpoint(self.output_dir)
+        if path is None:
             log.info(f"resume=True but no checkpoint under {self.output_dir}/checkpoints: starting fresh")
             return
-        if self._distributed:
-            training.load_from_full_model_state_dict(self.model, state["model"], self._device, strict=True)
-            training.load_from_full_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], self._device)
-        else:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        self.prompt_stream.load_state_dict(state["prompt_streams"][self.rank])
-        self.history = state["history"]
-        self.nan_steps = state["nan_steps"]
-        self.global_step = state["step"]
+        trainer_state, rank_state = load_training_state(path, self.model, self.optimizer)
+        self.lr_scheduler.load_state_dict(trainer_state["lr_scheduler"])
+        self.prompt_stream.load_state_dict(rank_state["prompt_stream"])
+        set_rng_state(rank_state["rng"])
+        self.history = trainer_state["history"]
+        self.nan_steps = trainer_state["nan_steps"]
+        self.global_step = trainer_state["step"]
         self._sync_rollout_weights()
-        log.info(f"resumed from step {self.global_step}")
+        log.info(f"resumed from {path} (step {self.global_step})")
 
     # ------------------------------------------------------------------ outputs
     def _finish(self) -> None:
@@ -495,10 +487,6 @@ def _setup_rollout_correction(cfg: DictConfig) -> RolloutCorrection:
             "log-probs there is no mismatch to correct)"
         )
     return correction
-
-
-def _linear_warmup(step: int, warmup_steps: int) -> float:
-    return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
 
 
 def _per_rank(n: Optional[int], world_size: int) -> Optional[int]:

@@ -30,15 +30,35 @@ SMALL = [
 ]
 
 
-def tune_run(output_dir: Path, *overrides: str, nproc: int = 1, check: bool = True, timeout: int = 600):
+def tune_command(output_dir: Path, *overrides: str, nproc: int = 1) -> tuple[list[str], dict[str, str]]:
+    """The `tune run` command line of the tiny config with SMALL and `overrides`, and its environment."""
     launcher = [TUNE, "run"] + (["--nproc_per_node", str(nproc)] if nproc > 1 else [])
     cmd = [*launcher, "recipes/online_rl_distributed.py", "--config", "configs/tiny_arith.yaml",
            f"output_dir={output_dir}", *SMALL, *overrides]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2")}
+    return cmd, env
+
+
+def tune_run(output_dir: Path, *overrides: str, nproc: int = 1, check: bool = True, timeout: int = 600):
+    cmd, env = tune_command(output_dir, *overrides, nproc=nproc)
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"tune run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def tune_run_killed_after_checkpoint(step: int, output_dir: Path, *overrides: str, nproc: int = 1) -> None:
+    """Start `tune run` and SIGKILL its whole process group once the step-`step` checkpoint exists."""
+    cmd, env = tune_command(output_dir, *overrides, nproc=nproc)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, env=env)
+    checkpoint = output_dir / "checkpoints" / f"step_{step}"  # a folder, renamed into place once complete
+    deadline = time.time() + 300
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert checkpoint.exists(), f"no step-{step} checkpoint was written"
 
 
 def history(output_dir: Path) -> list[dict]:
@@ -103,17 +123,7 @@ def test_killed_run_resumes_with_identical_losses(tmp_path):
 
     # Same run, killed (SIGKILL) once the step-2 checkpoint exists, then resumed.
     killed = tmp_path / "killed"
-    cmd = [TUNE, "run", "recipes/online_rl_distributed.py", "--config", "configs/tiny_arith.yaml",
-           f"output_dir={killed}", *SMALL, steps, "save_final_model=false", "checkpoint_every_n_steps=2"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-    ckpt = killed / "checkpoints" / "step_2.pt"
-    deadline = time.time() + 300
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert ckpt.exists(), "no step-2 checkpoint was written"
+    tune_run_killed_after_checkpoint(2, killed, steps, "save_final_model=false", "checkpoint_every_n_steps=2")
     tune_run(killed, steps, "save_final_model=false", "checkpoint_every_n_steps=2", "resume=true")
 
     def losses(out):

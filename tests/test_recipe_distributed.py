@@ -1,9 +1,12 @@
-"""2 ranks (FSDP2 on gloo) give the loss and gradient norm of 1 rank on the same batch."""
+"""2 ranks (FSDP2 on gloo) give the loss and gradient norm of 1 rank on the same batch; a killed
+2-rank run resumes from its sharded checkpoint to the same metrics; unusable checkpoints are refused."""
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +15,8 @@ import pytest
 import torch
 
 from polopt.batch import RolloutBatch
+from test_checkpoint import RunsCode
+from test_recipe import history, tune_run, tune_run_killed_after_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "tests" / "scripts" / "update_on_fixed_batch.py"
@@ -56,3 +61,71 @@ def test_two_ranks_match_one_rank(tmp_path, loss):
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-5, abs=1e-7)
     assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-5)
     assert one["grad_norm"] > 0
+
+
+# ---------------------------------------------------------------------------------- resume
+# Sharded checkpoints through `tune run` on 2 gloo ranks (polopt/checkpoint.py).
+RESUME = ["validation.source=null", "save_final_model=false", "checkpoint_every_n_steps=2"]
+
+
+def step_metrics(output_dir: Path) -> dict[int, dict[str, float]]:
+    """Every logged metric per training step, except wall-clock ones."""
+    return {
+        h["step"]: {k: v for k, v in h.items() if not k.startswith("time/") and k != "tokens_per_second"}
+        for h in history(output_dir) if h["step"] > 0
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_killed_two_rank_run_resumes_with_identical_rewards_and_losses(tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    tune_run(full, "max_steps=4", *RESUME, nproc=2)
+    tune_run_killed_after_checkpoint(2, killed, "max_steps=4", *RESUME, nproc=2)
+    assert not (killed / "history.json").exists(), "the run finished before it was killed"
+    tune_run(killed, "max_steps=4", *RESUME, "resume=true", nproc=2)
+
+    assert (killed / "checkpoints" / "step_4").is_dir(), "the resumed run wrote no checkpoint"
+    assert sorted(p.name for p in (killed / "checkpoints" / "step_4").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    expected, resumed = step_metrics(full), step_metrics(killed)
+    assert sorted(resumed) == [1, 2, 3, 4]
+    assert all("loss" in m and "reward/mean" in m for m in expected.values())
+    assert resumed == expected
+
+
+@pytest.fixture(scope="module")
+def one_rank_checkpoint(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("one_rank") / "run"
+    tune_run(out, "max_steps=1", "validation.source=null", "save_final_model=false", "checkpoint_every_n_steps=1")
+    assert (out / "checkpoints" / "step_1").is_dir()
+    return out
+
+
+def error_lines(proc) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_one_rank_checkpoint_is_refused_on_two_ranks(one_rank_checkpoint, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(one_rank_checkpoint, out)
+    proc = tune_run(out, "max_steps=2", *RESUME, "resume=true", nproc=2, check=False)
+    assert proc.returncode != 0
+    assert error_lines(proc), proc.stderr[-3000:]
+    assert "written by 1 rank(s) and this run has 2" in error_lines(proc)[0]
+    assert "--nproc_per_node 1" in error_lines(proc)[0]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_1"]
+
+
+@pytest.mark.slow
+def test_planted_pickle_in_a_checkpoint_is_refused_by_the_recipe(one_rank_checkpoint, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(one_rank_checkpoint, out)
+    marker = tmp_path / "ran"
+    (out / "checkpoints" / "step_1" / ".metadata").write_bytes(pickle.dumps(RunsCode(marker)))
+    proc = tune_run(out, "max_steps=2", *RESUME, "resume=true", check=False)
+    assert proc.returncode == 2
+    assert len(error_lines(proc)) == 1 and "refusing to resume" in error_lines(proc)[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert not marker.exists()

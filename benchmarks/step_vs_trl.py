@@ -1,0 +1,207 @@
+"""One RL step, polopt's recipe vs TRL's GRPOTrainer, side by side in one run.
+
+    python benchmarks/step_vs_trl.py                  # 3 rounds × 6 steps per side (first step of each run dropped)
+    python benchmarks/step_vs_trl.py --rounds 1 --steps 2 --name step_vs_trl_smoke
+
+The same step on both sides: the embedded tiny model (assets/tiny_arith, HF format), 16 prompts of
+its training set × 8 answers, at most 48 new tokens, temperature 1, lr 1e-4, one optimiser step per
+rollout, the Dr.GRPO loss — polopt `loss=dr_grpo` (A = r − r̂, token sums / (B·L)), TRL
+`loss_type="dr_grpo", scale_rewards="none"` (the same loss: tests/test_integration_trl.py checks
+their gradients agree) — and the same reward function, polopt's MathVerifier (one worker process).
+polopt runs with the dynamic-sampling filter off (`filter.enabled=false`), so both sides generate
+exactly 128 answers a step and train on all of them.
+
+Each side runs in its own process (`tune run` for polopt; a GRPOTrainer for TRL), alternating
+which goes first in each round so that a slow spell of the machine hits both alike. A step is
+timed from the start of its rollout to the end of its optimiser step: polopt's `time/step_s`
+(history.json), TRL's on_step_begin → on_step_end callback. Reported: median seconds per step,
+steps/s and generated tokens/s (answer tokens of the step / step time), and the median ratio
+TRL time / polopt time over the rounds (> 1: polopt is faster).
+
+Writes benchmarks/results/<name>.json and .md with the machine, versions, date and command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, RESULTS, environment  # noqa: E402
+
+ASSETS = REPO / "assets" / "tiny_arith"
+PROMPTS, ANSWERS, NEW_TOKENS, LR, SEED = 16, 8, 48, 1e-4, 0
+
+
+def polopt_steps(steps: int, threads: int) -> list[dict]:
+    """`tune run` the recipe for `steps` steps; per step: seconds and answer tokens."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run"
+        cmd = [
+            str(Path(sys.executable).with_name("tune")), "run", "recipes/online_rl_distributed.py",
+            "--config", "configs/tiny_arith.yaml", "loss=dr_grpo", "filter.enabled=false",
+            f"max_steps={steps}", f"rollout.num_prompts={PROMPTS}", f"rollout.num_samples={ANSWERS}",
+            f"rollout.max_new_tokens={NEW_TOKENS}", f"optimizer.lr={LR}", f"seed={SEED}",
+            "validation.source=", "checkpoint_every_n_steps=0", "save_final_model=false", f"output_dir={out}",
+        ]
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)}
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"polopt run failed:\n{proc.stderr[-3000:]}")
+        history = json.loads((out / "history.json").read_text())
+    return [
+        {"seconds": h["time/step_s"], "answer_tokens": h["response/length_mean"] * PROMPTS * ANSWERS}
+        for h in history if "time/step_s" in h
+    ]
+
+
+def trl_steps(steps: int, threads: int) -> list[dict]:
+    """The same step through TRL's GRPOTrainer, in a child process (`--trl-worker`)."""
+    proc = subprocess.run(
+        [sys.executable, __file__, "--trl-worker", "--steps", str(steps), "--threads", str(threads)],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)},
+        capture_output=True, text=True,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"TRL run failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def trl_worker(steps: int, threads: int) -> None:
+    import time
+
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from polopt.prompts import load_rows
+    from polopt.verify import MathVerifier
+
+    torch.set_num_threads(threads)
+    rows = load_rows(str(ASSETS / "train.jsonl"))
+    dataset = Dataset.from_list([{"prompt": r["question"], "answer": r["answer"]} for r in rows])
+    verifier = MathVerifier(timeout_s=5.0, num_workers=1)
+
+    def math_reward(completions, answer, **_):
+        return verifier(list(completions), list(answer))
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.steps: list[dict] = []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.steps.append({"seconds": time.perf_counter() - self.start})
+
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory() as tmp:
+        args = GRPOConfig(
+            output_dir=tmp, per_device_train_batch_size=PROMPTS * ANSWERS, num_generations=ANSWERS,
+            max_completion_length=NEW_TOKENS, temperature=1.0, learning_rate=LR, lr_scheduler_type="constant",
+            warmup_steps=0, max_grad_norm=1.0, adam_beta1=0.9, adam_beta2=0.999, weight_decay=0.0,
+            loss_type="dr_grpo", scale_rewards="none", beta=0.0, num_iterations=1, gradient_accumulation_steps=1,
+            max_steps=steps, seed=SEED, use_cpu=True, bf16=False, report_to="none", save_strategy="no",
+            logging_steps=1, disable_tqdm=True, dataloader_num_workers=0,
+        )
+        trainer = GRPOTrainer(
+            model=AutoModelForCausalLM.from_pretrained(ASSETS, dtype=torch.float32),
+            reward_funcs=math_reward, args=args, train_dataset=dataset,
+            processing_class=AutoTokenizer.from_pretrained(ASSETS), callbacks=[timer],
+        )
+        trainer.train()
+    verifier.close()
+    lengths = [e["completions/mean_length"] for e in trainer.state.log_history if "completions/mean_length" in e]
+    for step, length in zip(timer.steps, lengths):
+        step["answer_tokens"] = length * PROMPTS * ANSWERS
+    print(json.dumps(timer.steps))
+
+
+def summarise(steps: list[dict]) -> dict:
+    seconds = statistics.median(s["seconds"] for s in steps)
+    tokens = statistics.median(s["answer_tokens"] / s["seconds"] for s in steps)
+    return {"seconds_per_step": seconds, "steps_per_second": 1 / seconds, "answer_tokens_per_second": tokens}
+
+
+def markdown(result: dict) -> str:
+    env = result["env"]
+    lines = [
+        "# One RL step: polopt vs TRL GRPOTrainer (benchmarks/step_vs_trl.py)",
+        "",
+        f"Machine: {env['platform']}, {env['cpus_usable']} CPUs usable; Python {env['python']}, torch {env['torch']}, "
+        f"TRL {result['trl_version']}, transformers {result['transformers_version']}; {env['date']}.",
+        f"Command: `{env['command']}`",
+        "",
+        f"Tiny model, {PROMPTS} prompts × {ANSWERS} answers, ≤ {NEW_TOKENS} new tokens, Dr.GRPO loss, MathVerifier reward, "
+        f"{result['rounds']} rounds × {result['steps']} steps per side (first step of each run dropped), "
+        f"{result['threads']} torch threads.",
+        "",
+        "| side | s / step (median) | steps / s | answer tokens / s |",
+        "|---|---:|---:|---:|",
+    ]
+    for side in ("polopt", "trl"):
+        s = result[side]
+        lines.append(f"| {side} | {s['seconds_per_step']:.3f} | {s['steps_per_second']:.3f} | {s['answer_tokens_per_second']:.0f} |")
+    ratios = result["round_speedups"]
+    lines += [
+        "",
+        f"Speed-up of polopt over TRL (TRL s/step ÷ polopt s/step): median {result['speedup']:.2f}× "
+        f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)}).",
+        "",
+    ]
+    if result.get("note"):
+        lines += [result["note"], ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=6, help="steps per run; the first is dropped as warm-up")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--name", default="step_vs_trl", help="results file stem")
+    parser.add_argument("--note", default="", help="a sentence for the results file (e.g. the machine was shared)")
+    parser.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.steps < 2:
+        parser.error("--steps must be >= 2 (the first step of each run is dropped)")
+    if args.trl_worker:
+        return trl_worker(args.steps, args.threads)
+
+    import transformers
+    import trl
+
+    runs = {"polopt": [], "trl": []}
+    round_speedups = []
+    for r in range(args.rounds):
+        order = ("polopt", "trl") if r % 2 == 0 else ("trl", "polopt")
+        this_round = {}
+        for side in order:
+            steps = (polopt_steps if side == "polopt" else trl_steps)(args.steps, args.threads)[1:]
+            this_round[side] = summarise(steps)["seconds_per_step"]
+            runs[side] += steps
+            print(f"round {r}: {side:6s} {this_round[side]:.3f} s/step", flush=True)
+        round_speedups.append(this_round["trl"] / this_round["polopt"])
+    result = {
+        "env": environment("cpu"), "trl_version": trl.__version__, "transformers_version": transformers.__version__,
+        "rounds": args.rounds, "steps": args.steps, "threads": args.threads,
+        "polopt": summarise(runs["polopt"]), "trl": summarise(runs["trl"]),
+        "round_speedups": round_speedups, "speedup": statistics.median(round_speedups), "note": args.note,
+        "raw": runs,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (RESULTS / f"{args.name}.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
