@@ -1,6 +1,7 @@
 """Runs a peer's own loss code (verl, OpenRLHF) inside the peer's virtualenv, for the conformance report.
 
-    <peer venv>/bin/python benchmarks/peer_loss_driver.py verl
+    <peer venv>/bin/python benchmarks/peer_loss_driver.py verl             # serve requests
+    <peer venv>/bin/python benchmarks/peer_loss_driver.py openrlhf --probe # import the peer's modules
 
 One JSON request per line on stdin: {"setting": {...}, "logprobs", "old_logprobs", "mask", "rewards",
 "group_ids"} (nested lists, float64 values exactly as JSON writes them); one JSON reply per line on
@@ -16,15 +17,69 @@ What is the peer's code and what is glue:
   `RemoteExperienceMaker.compute_advantages_and_returns` on `Experience` objects, then
   `openrlhf.models.loss.PolicyLoss`. `n_samples_per_prompt` consecutive rows per prompt, as OpenRLHF
   lays them out; the request's rows are sorted by group here and the gradient comes back in order.
+  OpenRLHF imports flash_attn (models/ring_attn_utils.py) and vllm (trainer/ray/vllm_engine.py) at
+  module level, both CUDA-only here; with POLOPT_STAND_INS=flash_attn,vllm those two packages are
+  StandIn modules whose every function raises, which the loss and advantage code never call.
 """
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
 import json
+import os
 import sys
 import traceback
+import types
 
 import torch
+
+# The modules each peer's loss and advantage code is imported from (the report's import probe).
+MODULES = {
+    "verl": ["verl.trainer.ppo.core_algos", "verl.workers.config.actor"],
+    "openrlhf": ["openrlhf.models.loss", "openrlhf.trainer.ppo_utils.experience_maker"],
+}
+
+
+class StandIn(types.ModuleType):
+    """A CUDA-only package that the peer imports at module level but its loss code never calls:
+    any attribute is a function that raises, so a call would show up as an error, never a value."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+
+        def unavailable(*args, **kwargs):
+            raise RuntimeError(f"{self.__name__}.{name} is a stand-in: the package needs CUDA")
+
+        return unavailable
+
+
+class StandInFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Serves StandIn modules for the packages named in POLOPT_STAND_INS (and their submodules)."""
+
+    def __init__(self, packages: list[str]) -> None:
+        self.packages = packages
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in self.packages:
+            return importlib.machinery.ModuleSpec(name, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        module = StandIn(spec.name)
+        module.__path__ = []
+        return module
+
+    def exec_module(self, module):
+        pass
+
+
+def install_stand_ins() -> list[str]:
+    packages = [name for name in os.environ.get("POLOPT_STAND_INS", "").split(",") if name]
+    if packages:
+        sys.meta_path.append(StandInFinder(packages))  # last: a real installed package still wins
+    return packages
 
 
 def tensors(request: dict):
@@ -130,7 +185,17 @@ LOSSES = {"verl": verl_loss, "openrlhf": openrlhf_loss}
 
 def main() -> None:
     peer = sys.argv[1]
+    install_stand_ins()
+    if sys.argv[2:] == ["--probe"]:  # import the peer's modules and say so
+        for module in MODULES[peer]:
+            __import__(module)
+        print("imported " + ", ".join(MODULES[peer]))
+        return
     loss_of = LOSSES[peer]
+    # Replies go to the real stdout; anything the peer's libraries print (Python or C) goes to stderr.
+    replies = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    sys.stdout = sys.stderr
     for line in sys.stdin:
         request = json.loads(line)
         try:
@@ -141,8 +206,8 @@ def main() -> None:
             reply = {"loss": loss.item(), "grad": grad.tolist()}
         except Exception as error:  # the peer raised: the kit counts that as breaking the identity
             reply = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc(limit=3)}
-        sys.stdout.write(json.dumps(reply) + "\n")
-        sys.stdout.flush()
+        replies.write(json.dumps(reply) + "\n")
+        replies.flush()
 
 
 if __name__ == "__main__":

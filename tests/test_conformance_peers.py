@@ -19,8 +19,8 @@ pytest.importorskip("trl")
 from polopt.integrations.trl import TRLLossFunction  # noqa: E402
 from polopt.losses import get_loss  # noqa: E402
 from polopt.testing import check_policy_loss  # noqa: E402
+from polopt.testing.conformance import batch_from_counterexample  # noqa: E402
 from polopt.testing.references import loss_and_grad  # noqa: E402
-from polopt.testing.strategies import PolicyBatch  # noqa: E402
 
 EXAMPLES = 8  # per identity; the std convention is found on the first mixed group
 FLOAT32 = dict(rtol=1e-5, atol=1e-8)  # TRL computes advantages in float32
@@ -46,13 +46,7 @@ def test_trl_grpo_with_group_std_breaks_the_on_policy_identity():
     assert not set(STRUCTURAL + ["zero_gradient_outside_clip"]) & set(report.failed_identities), str(report)
     # The shrunk counter-example is one mixed group; there the ratio of the gradients is TRL's std convention.
     example = next(f for f in report.failures if f.identity == "on_policy_equals_nft").counterexample
-    batch = PolicyBatch(
-        logprobs=torch.tensor(example["logprobs"], dtype=torch.float64),
-        old_logprobs=torch.tensor(example["old_logprobs"], dtype=torch.float64),
-        mask=torch.tensor(example["mask"], dtype=torch.bool),
-        rewards=torch.tensor(example["rewards"], dtype=torch.float64),
-        group_ids=torch.tensor(example["group_ids"]),
-    ).on_policy()
+    batch = batch_from_counterexample(example).on_policy()
     assert len(set(batch.group_ids.tolist())) == 1 and 0 < batch.rewards.mean() < 1
     _, trl_grad = loss_and_grad(TRLLossFunction(loss_type="grpo", scale_rewards="group"), batch)
     _, polopt_grad = loss_and_grad(get_loss("grpo", loss_agg="seq-mean-token-mean"), batch)
