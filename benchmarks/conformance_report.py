@@ -123,7 +123,7 @@ def trl_settings() -> list[Setting]:
         Setting("trl", "loss_type=dapo, scale_rewards=none, epsilon_high=0.28", dict(loss_type="dapo", scale_rewards="none", epsilon_high=0.28),
                 "dr_grpo", dict(clip_low=0.2, clip_high=0.28, loss_agg="token-mean")),
         Setting("trl", "loss_type=cispo, scale_rewards=none, epsilon_high=5", dict(loss_type="cispo", scale_rewards="none", epsilon_high=5.0),
-                "dr_grpo", dict(clip_low=0.2, clip_high=4.0, loss_agg="token-mean"),
+                "dr_grpo", dict(clip, loss_agg="token-mean"),  # ε_max = 5 bounds a weight, not a clip: no polopt counterpart
                 off_policy("CISPO is another objective: −sg(min(R, ε_max))·A·log π keeps the gradient of every token, weighted by the clipped ratio"),
                 "documented (MiniMax-M1's CISPO); on-policy it is the GRPO family's gradient"),
         Setting("trl", "loss_type=sapo, scale_rewards=none", dict(loss_type="sapo", scale_rewards="none"),
@@ -338,7 +338,11 @@ def peer_loss_function(peer: PeerProcess, setting: dict):
 
 def run_setting(setting: Setting, fn, examples: int, tolerance: dict) -> dict:
     start = time.perf_counter()
-    report = check_policy_loss(fn, setting.kind, max_examples=examples, equal_group_sizes=True, **tolerance, **setting.hparams)
+    try:
+        report = check_policy_loss(fn, setting.kind, max_examples=examples, equal_group_sizes=True, **tolerance, **setting.hparams)
+    except Exception as error:  # a bad setting in this script: record it, run the others
+        print(f"  setting failed to run: {type(error).__name__}: {error}", flush=True)
+        return {"peer": setting.peer, "setting": setting.label, "error": f"{type(error).__name__}: {error}"}
     failed = set(report.failed_identities)
     failures = []
     for failure in report.failures:
@@ -439,6 +443,9 @@ def headline_table(results: list[dict]) -> list[str]:
     lines = ["| peer | setting | judged as polopt's | " + " | ".join(label for _, label in IDENTITY_COLUMNS) + " |"]
     lines.append("|---" * (3 + len(IDENTITY_COLUMNS)) + "|")
     for result in results:
+        if "error" in result:
+            lines.append(f"| {result['peer']} | {result['setting']} | did not run: {result['error']} |" + " |" * len(IDENTITY_COLUMNS))
+            continue
         cells = [verdict_cell(result, identity) for identity, _ in IDENTITY_COLUMNS]
         lines.append(f"| {result['peer']} | {result['setting']} | `{judged_as(result)}` | " + " | ".join(cells) + " |")
     return lines
@@ -476,7 +483,7 @@ def write_report(results: list[dict], peers: dict, examples: int, env: dict) -> 
         "",
     ]  # fmt: skip
     for result in results:
-        if not result["failures"]:
+        if not result.get("failures"):
             continue
         lines += [f"### {result['peer']}: {result['setting']}", ""]
         if result["choice"]:
