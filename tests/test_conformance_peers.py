@@ -12,6 +12,8 @@ Verdicts that must hold and verdicts that must not, so that a change in TRL or i
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -72,3 +74,14 @@ def test_trl_adapter_refuses_groups_of_different_sizes():
     logprobs = torch.zeros(3, 2, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"groups of one size .*\[2, 1\]"):
         fn(logprobs, logprobs, torch.ones(3, 2, dtype=torch.bool), torch.tensor([1.0, 0.0, 1.0]), torch.tensor([0, 0, 1]))
+
+
+def test_readme_headline_table_is_the_reports():
+    """README.md's table is copied from docs/conformance_report.md: every row must be the report's."""
+    repo = Path(__file__).resolve().parents[1]
+    report = (repo / "docs" / "conformance_report.md").read_text()
+    readme = (repo / "README.md").read_text()
+    section = readme.split("### The peers' losses against the identities")[1].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ")]
+    assert len(rows) >= 5
+    assert all(row in report.splitlines() for row in rows)
