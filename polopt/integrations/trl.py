@@ -21,11 +21,16 @@ versions it was tested with. What TRL does and what the subclass adds:
   generation reused across steps), else the current ones detached (on-policy).
 - TRL's own loss settings (loss_type, epsilon, scale_rewards, delta) are not used: loss_kwargs
   (polopt's names) define the loss. `beta` > 0 becomes the loss's k3 `kl_coef`.
+
+`TRLLossFunction` (below) goes the other way: TRL's own loss for one GRPOConfig setting as the
+conformance kit's function, for docs/conformance_report.md and tests/test_conformance_peers.py.
 """
 
 from __future__ import annotations
 
 import inspect
+import os
+import tempfile
 from typing import Any, Optional
 
 import torch
@@ -290,13 +295,12 @@ def kit_rollout(prompts: list, trainer: KitGRPOTrainer) -> dict:
 
 
 def kit_reward(completions, **kwargs) -> list[float]:
+    """The kit's rewards, which `kit_rollout` passed through TRL as an extra field of each row."""
     return kwargs[REWARDS]
 
 
 def build_kit_trainer(group_size: int, config: dict[str, Any]) -> KitGRPOTrainer:
-    import os
-    import tempfile
-
+    """A real GRPOTrainer (tiny in-memory model, `config` as GRPOConfig keys) with `num_generations=group_size`."""
     from datasets import Dataset
 
     from polopt.testing.tiny_lm import tiny_qwen2_with_tokenizer
