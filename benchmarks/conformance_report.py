@@ -1,8 +1,8 @@
 """Conformance report: polopt's kit (`check_policy_loss`) run on the real loss code of TRL, verl and OpenRLHF.
 
     PYTHONPATH=. python benchmarks/conformance_report.py                       # all peers, 50 examples/identity
+    PYTHONPATH=. python benchmarks/conformance_report.py --venvs /work/venvs --examples 25   # the committed run
     PYTHONPATH=. python benchmarks/conformance_report.py --peers trl --examples 20
-    PYTHONPATH=. python benchmarks/conformance_report.py --venvs /work/venvs   # where the peer venvs live
     PYTHONPATH=. python benchmarks/conformance_report.py --rewrite             # the .md again from the .json
 
 For every peer loss × setting, hypothesis searches each identity of docs/conformance.md for an input
@@ -20,7 +20,11 @@ How each peer's own code is reached (no re-implementation):
   unpinned torch pulls a CUDA build), then the peer. benchmarks/peer_loss_driver.py runs in that venv
   and answers, per example, the peer's loss value and autograd gradient; the kit judges them here.
   OpenRLHF's wheel requires flash-attn==2.8.3, which builds only against CUDA: it is installed with
-  --no-deps plus its other requirements (deepspeed included), and the report says what imported.
+  --no-deps plus its other requirements (deepspeed included). `import openrlhf.models.loss` then
+  fails (flash_attn, and vllm for the advantage code); the report records that error and runs the
+  code with stand-in flash_attn/vllm modules whose every function raises (see the driver).
+  Creating both venvs takes minutes (pip); a run of all 49 settings at 25 examples about 10 minutes
+  on 2 CPUs.
 
 Each setting lists the differences its documentation or code announces (`expected`): a failure with
 a reading there is the peer's choice; `edges` are failures on inputs real training rarely makes (a batch
