@@ -23,8 +23,7 @@ How each peer's own code is reached (no re-implementation):
   --no-deps plus its other requirements (deepspeed included). `import openrlhf.models.loss` then
   fails (flash_attn, and vllm for the advantage code); the report records that error and runs the
   code with stand-in flash_attn/vllm modules whose every function raises (see the driver).
-  Creating both venvs takes minutes (pip); a run of all 49 settings at 25 examples about 10 minutes
-  on 2 CPUs.
+  Creating the venvs (pip) and a full run each take minutes.
 
 Each setting lists the differences its documentation or code announces (`expected`): a failure with
 a reading there is the peer's choice; `edges` are failures on inputs real training rarely makes (a batch
