@@ -487,6 +487,23 @@ def headline_table(results: list[dict]) -> list[str]:
     return lines
 
 
+def summary(results: list[dict]) -> list[str]:
+    """What held where, counted from the results."""
+    ran = [r for r in results if "error" not in r]
+    name = lambda r: f"{r['peer']} `{r['setting']}`"  # noqa: E731
+    every = [name(r) for r in ran if not r["failures"]]
+    on_policy = [name(r) for r in ran if r["verdicts"].get("on_policy_equals_nft") == "pass"]
+    counts = {category: sum(f["category"] == category for r in ran for f in r["failures"]) for category in ("choice", "edge", "unexplained")}
+    return [
+        "## Summary",
+        "",
+        f"- Every identity holds in {len(every)} of {len(ran)} settings: " + "; ".join(every) + ".",
+        f"- The on-policy gradient is NFT's (Prop. 4.2) in {len(on_policy)} of {len(ran)}: " + "; ".join(on_policy) + ".",
+        f"- Failures: {counts['choice']} the peers' documented or stated choices, {counts['edge']} edge cases (a batch "
+        f"with no response tokens), {counts['unexplained']} unexplained.",
+    ]
+
+
 def write_report(results: list[dict], peers: dict, examples: int, env: dict) -> None:
     reclassify(results)
     (DOCS / "conformance_report.json").write_text(
@@ -513,6 +530,9 @@ def write_report(results: list[dict], peers: dict, examples: int, env: dict) -> 
         "no reading; – not an identity of the loss it is judged as. \"Judged as\" is the polopt loss with the "
         "same advantage, clip and aggregation the setting claims; `on-policy = NFT` is Prop. 4.2 (ω = grpo for a std-"
         "normalised advantage, ω = 1 − r̂ without).",
+        "",
+        *summary(results),
+        "",
         "## Headline",
         "",
         *headline_table([r for key in HEADLINE for r in results if (r["peer"], r["setting"]) == key]),
