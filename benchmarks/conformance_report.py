@@ -525,6 +525,10 @@ def write_report(results: list[dict], peers: dict, examples: int, env: dict) -> 
         "",
         *[f"{name}: {status['why']} (plain import: `{status['plain_import_error']}`)." for name, status in peers.items() if "stand_ins" in status],
         "",
+        "Not covered: verl's `bypass_mode` loss (it needs the rollout engine's log-probs); KL terms (β = 0 "
+        "everywhere); gradient accumulation across micro-batches (each call is one whole batch, one optimizer "
+        "step; tests/test_integration_trl.py checks polopt against TRL's dr_grpo under accumulation).",
+        "",
         "✓ holds; ✗ choice: broken for a reason the peer documents or its code states (reading below); ✗ edge: broken "
         "only on an input real training rarely makes, for no documented reason (arguably a bug); ✗ **?**: broken with "
         "no reading; – not an identity of the loss it is judged as. \"Judged as\" is the polopt loss with the "
