@@ -405,8 +405,8 @@ def run_trl(examples: int) -> tuple[list[dict], dict]:
     results = []
     for setting in trl_settings():
         print(f"[trl] {setting.label}", flush=True)
-        # TRL computes advantages in float32: compare at float32 precision.
-        results.append(run_setting(setting, TRLLossFunction(**setting.config), examples, dict(rtol=1e-5, atol=1e-8)))
+        # TRL computes advantages in float32: compare at float32 precision (docs/conformance.md).
+        results.append(run_setting(setting, TRLLossFunction(**setting.config), examples, dict(rtol=1e-4, atol=1e-6)))
     return results, {"version": trl.__version__, "imports": True}
 
 

@@ -25,7 +25,7 @@ from polopt.testing.conformance import batch_from_counterexample  # noqa: E402
 from polopt.testing.references import loss_and_grad  # noqa: E402
 
 EXAMPLES = 8  # per identity; the std convention is found on the first mixed group
-FLOAT32 = dict(rtol=1e-5, atol=1e-8)  # TRL computes advantages in float32
+FLOAT32 = dict(rtol=1e-4, atol=1e-6)  # TRL computes advantages in float32 (docs/conformance.md's float32 tolerance)
 CLIP = dict(clip_low=0.2, clip_high=0.2)  # TRL's epsilon=0.2 on both sides
 STRUCTURAL = ["no_signal_groups_contribute_zero", "padding_invariance", "finite_at_extreme_log_ratios", "row_order_invariance"]
 
