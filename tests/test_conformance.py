@@ -16,8 +16,8 @@ import torch
 
 from polopt.losses import get_loss
 from polopt.testing import KINDS, as_loss_function, check_policy_loss
+from polopt.testing.conformance import batch_from_counterexample
 from polopt.testing.references import loss_and_grad
-from polopt.testing.strategies import PolicyBatch
 
 EXAMPLES = 15  # per identity; a broken loss is found in the first few
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -111,13 +111,7 @@ def test_counterexample_is_shrunk_and_reproduces_the_failure():
     failure = next(f for f in report.failures if f.identity == "agreement")
     example = failure.counterexample
     assert len(example["rewards"]) <= 6  # drawn batches have up to 64 rows
-    batch = PolicyBatch(
-        logprobs=torch.tensor(example["logprobs"], dtype=torch.float64),
-        old_logprobs=torch.tensor(example["old_logprobs"], dtype=torch.float64),
-        mask=torch.tensor(example["mask"], dtype=torch.bool),
-        rewards=torch.tensor(example["rewards"], dtype=torch.float64),
-        group_ids=torch.tensor(example["group_ids"]),
-    )
+    batch = batch_from_counterexample(example)
     loss, grad = loss_and_grad(grpo_with_unbiased_std, batch)
     polopt_loss, polopt_grad = loss_and_grad(get_loss("grpo"), batch)
     differs = not math.isclose(loss.item(), polopt_loss.item(), rel_tol=1e-6, abs_tol=1e-9)
@@ -159,3 +153,37 @@ def test_docs_conformance_example_runs():
     for block in blocks:
         exec(compile(block, str(DOCS / "conformance.md"), "exec"), namespace)
     assert namespace["report"].ok
+
+
+def dr_grpo_of_consecutive_groups(logprobs, old_logprobs, mask, rewards, group_ids, clip=0.2):
+    """Dr.GRPO written as trainers with `num_generations` rows per prompt write it: sort rows by
+    prompt, then `rewards.view(-1, K)` — which needs every group to have the same size K."""
+    order = torch.sort(group_ids, stable=True).indices
+    size = int((group_ids == group_ids[0]).sum())
+    grouped = rewards[order].view(-1, size)
+    advantage = torch.empty_like(rewards)
+    advantage[order] = (grouped - grouped.mean(dim=1, keepdim=True)).flatten()
+    per_token = clipped_surrogate(logprobs, old_logprobs, mask, advantage, clip, clip)
+    return torch.where(mask, per_token, 0.0).sum() / mask.numel()
+
+
+def test_equal_group_sizes_checks_code_that_needs_one_group_size():
+    report = check_policy_loss(dr_grpo_of_consecutive_groups, "dr_grpo", max_examples=EXAMPLES, equal_group_sizes=True)
+    assert report.ok, str(report)
+    # Groups of different sizes, which the kit draws by default, break that code.
+    logprobs = torch.zeros(5, 2, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="invalid for input of size 5"):
+        dr_grpo_of_consecutive_groups(logprobs, logprobs, torch.ones(5, 2, dtype=torch.bool), torch.tensor([1.0, 0, 1, 0, 0]), torch.tensor([0, 0, 1, 1, 1]))
+
+
+def test_a_nondeterministic_loss_is_reported_not_a_crash():
+    calls = []
+
+    def alternating(logprobs, old_logprobs, mask, rewards, group_ids):
+        """polopt's RFT on every other call, twice it on the others."""
+        calls.append(None)
+        loss = get_loss("rft")(logprobs, old_logprobs, mask, rewards, group_ids).loss
+        return loss * (1 + len(calls) % 2)
+
+    report = check_policy_loss(alternating, "rft", max_examples=EXAMPLES)
+    assert "agreement" in report.failed_identities, str(report)

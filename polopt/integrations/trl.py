@@ -21,11 +21,16 @@ versions it was tested with. What TRL does and what the subclass adds:
   generation reused across steps), else the current ones detached (on-policy).
 - TRL's own loss settings (loss_type, epsilon, scale_rewards, delta) are not used: loss_kwargs
   (polopt's names) define the loss. `beta` > 0 becomes the loss's k3 `kl_coef`.
+
+`TRLLossFunction` (below) goes the other way: TRL's own loss for one GRPOConfig setting as the
+conformance kit's function, for docs/conformance_report.md and tests/test_conformance_peers.py.
 """
 
 from __future__ import annotations
 
 import inspect
+import os
+import tempfile
 from typing import Any, Optional
 
 import torch
@@ -217,3 +222,111 @@ def build_loss(name: str, loss_kwargs: dict[str, Any], config: GRPOConfig):
                 f"{config.per_device_train_batch_size})"
             )
     return loss
+
+
+# ------------------------------------------------------------------ TRL's own loss, as the conformance kit's fn
+
+
+class TRLLossFunction:
+    """GRPOTrainer's loss for one GRPOConfig setting as `fn(logprobs, old_logprobs, mask, rewards, group_ids)`.
+
+        fn = TRLLossFunction(loss_type="dr_grpo", scale_rewards="none", max_completion_length=10)
+        check_policy_loss(fn, "dr_grpo", equal_group_sizes=True, max_response_len=10)
+
+    TRL's own code runs on the kit's batch: `_generate_and_score_completions` (advantages from the
+    rewards, completion and loss masks, `num_items_in_batch`) through TRL's public `rollout_func`
+    hook, then `_compute_loss`. Only the model forward is replaced: `_get_per_token_logps_and_entropies`
+    returns the kit's `logprobs`, and `old_per_token_logps` is the kit's `old_logprobs`. TRL's layout
+    is `num_generations` consecutive rows per prompt, so every group must have the same size
+    (`equal_group_sizes=True` in the kit); rows are sorted by group here and the gradient flows back
+    through that permutation. An empty row (the kit draws some) is a one-token completion that
+    TRL's `env_mask` (tool mask) takes out of the loss. One trainer per group size, built lazily.
+    """
+
+    def __init__(self, **config: Any) -> None:
+        self.config = config
+        self.trainers: dict[int, GRPOTrainer] = {}
+
+    def __repr__(self) -> str:
+        return f"TRLLossFunction({', '.join(f'{k}={v!r}' for k, v in self.config.items())})"
+
+    def trainer(self, group_size: int) -> GRPOTrainer:
+        if group_size not in self.trainers:
+            self.trainers[group_size] = build_kit_trainer(group_size, self.config)
+        return self.trainers[group_size]
+
+    def __call__(self, logprobs, old_logprobs, mask, rewards, group_ids) -> torch.Tensor:
+        sizes = torch.unique(group_ids, return_counts=True)[1]
+        if not (sizes == sizes[0]).all():
+            raise ValueError(f"TRL needs groups of one size (num_generations), got sizes {sizes.tolist()}")
+        order = torch.sort(group_ids, stable=True).indices  # TRL: each group's rows consecutive
+        trainer = self.trainer(int(sizes[0]))
+        trainer.kit_logprobs = logprobs[order]
+        lengths = mask[order].sum(dim=-1).tolist()
+        trainer.kit_rollout = {
+            "prompt_ids": [[trainer.prompt_token]] * len(lengths),
+            "completion_ids": [[trainer.completion_token] * max(n, 1) for n in lengths],
+            "logprobs": [[0.0] * max(n, 1) for n in lengths],
+            "env_mask": [[1] * n if n else [0] for n in lengths],
+            REWARDS: rewards[order].tolist(),
+        }
+        batch = trainer._generate_and_score_completions([{"prompt": "1+1="} for _ in lengths])
+        batch["old_per_token_logps"] = old_logprobs[order][:, : batch["completion_ids"].size(1)]
+        loss = trainer._compute_loss(trainer.model, batch)
+        for metrics in trainer._metrics.values():  # TRL appends to these on every call; nothing reads them here
+            metrics.clear()
+        return loss
+
+
+class KitGRPOTrainer(GRPOTrainer):
+    """GRPOTrainer whose model forward returns the conformance kit's log-probs (everything else is TRL's)."""
+
+    kit_logprobs: torch.Tensor
+    kit_rollout: dict
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        logprobs = self.kit_logprobs[:, :logits_to_keep]
+        return logprobs, torch.zeros_like(logprobs.detach()), None
+
+
+def kit_rollout(prompts: list, trainer: KitGRPOTrainer) -> dict:
+    """TRL's `rollout_func`: the kit batch's completions (the kit's rewards ride along as an extra field)."""
+    return trainer.kit_rollout
+
+
+def kit_reward(completions, **kwargs) -> list[float]:
+    """The kit's rewards, which `kit_rollout` passed through TRL as an extra field of each row."""
+    return kwargs[REWARDS]
+
+
+def build_kit_trainer(group_size: int, config: dict[str, Any]) -> KitGRPOTrainer:
+    """A real GRPOTrainer (tiny in-memory model, `config` as GRPOConfig keys) with `num_generations=group_size`."""
+    from datasets import Dataset
+
+    from polopt.testing.tiny_lm import tiny_qwen2_with_tokenizer
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is marked experimental
+    model, tokenizer = tiny_qwen2_with_tokenizer()
+    args = GRPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="polopt-trl-kit-"),
+        per_device_train_batch_size=group_size,
+        num_generations=group_size,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        **config,
+    )
+    trainer = KitGRPOTrainer(
+        model=model,
+        reward_funcs=kit_reward,
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": ["1+1="]}),
+        processing_class=tokenizer,
+        rollout_func=kit_rollout,
+    )
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop; one call is one optimizer step
+    trainer.prompt_token = tokenizer.convert_tokens_to_ids("1")
+    trainer.completion_token = tokenizer.convert_tokens_to_ids("2")
+    return trainer

@@ -34,7 +34,7 @@ from typing import Any, Callable, Optional
 import torch
 from hypothesis import HealthCheck, Phase, find, settings
 from hypothesis import strategies as st
-from hypothesis.errors import NoSuchExample
+from hypothesis.errors import Flaky, NoSuchExample
 
 from polopt.losses import get_loss
 from polopt.losses.group_stats import group_correct_rate
@@ -90,8 +90,11 @@ class ConformanceReport:
 class Checker:
     """The identities of one kind, evaluated on examples; each raises AssertionError when broken."""
 
-    def __init__(self, fn: LossFunction, kind: str, hparams: dict, rtol: float, atol: float) -> None:
+    def __init__(
+        self, fn: LossFunction, kind: str, hparams: dict, rtol: float, atol: float, equal_group_sizes: bool = False
+    ) -> None:
         self.fn, self.kind, self.rtol, self.atol = fn, kind, rtol, atol
+        self.equal_group_sizes = equal_group_sizes
         self.reference = get_loss(kind, **hparams)
         # Every hyperparameter, defaults filled in, as the reference formulas need them.
         self.hp = {name: getattr(self.reference, name) for name in hparam_names(type(self.reference))}
@@ -192,23 +195,33 @@ class Checker:
         self.close(loss, dpo.detach(), "loss vs DPO with π_ref = π_old")
         self.close(grad, dpo_grad, "gradient vs DPO with π_ref = π_old")
 
+    def batches(self, make: Callable[..., st.SearchStrategy] = policy_batches, **options) -> st.SearchStrategy:
+        """`make(**options)`; with equal_group_sizes, one group size per batch (drawn, then shrunk, too)."""
+        if not self.equal_group_sizes:
+            return make(**options)
+        smallest, largest = options.pop("min_group_size", 2), options.pop("max_group_size", 16)
+        return st.integers(smallest, largest).flatmap(lambda size: make(min_group_size=size, max_group_size=size, **options))
+
     def identities(self) -> dict[str, tuple[Callable, st.SearchStrategy]]:
         """name → (check, strategy of its examples) for this kind and these hyperparameters."""
         hp, kind = self.hp, self.kind
         max_len = hp.get("max_response_len") or 10
-        batches = policy_batches(max_len=max_len)
+        batches = self.batches(max_len=max_len)
         checks = {
             "agreement": (self.agreement, batches),
             "no_signal_groups_contribute_zero": (
                 self.no_signal_groups_contribute_zero,
-                st.tuples(batches, policy_batches(signal="none", max_len=max_len, max_log_ratio_scale=40.0)),
+                st.tuples(batches, self.batches(signal="none", max_len=max_len, max_log_ratio_scale=40.0)),
             ),
             "padding_invariance": (self.padding_invariance, batches),
-            "finite_at_extreme_log_ratios": (self.finite_at_extreme_log_ratios, extreme_batches(40.0, max_len=max_len)),
+            "finite_at_extreme_log_ratios": (
+                self.finite_at_extreme_log_ratios,
+                self.batches(lambda **options: extreme_batches(40.0, **options), max_len=max_len),
+            ),
             "row_order_invariance": (self.row_order_invariance, batches),
         }
         if kind in TOKEN_LEVEL:
-            analytic = policy_batches(max_len=max_len, max_log_ratio_scale=2.0)
+            analytic = self.batches(max_len=max_len, max_log_ratio_scale=2.0)
             checks["gradient_matches_analytic_form"] = (self.gradient_matches_analytic_form, analytic)
         if kind in GRPO_FAMILY:
             checks["zero_gradient_outside_clip"] = (self.zero_gradient_outside_clip, analytic)
@@ -218,7 +231,7 @@ class Checker:
         if (kind == "nft" and hp["epsilon"] <= 1) or kind == "rft":
             checks["zero_at_old_policy"] = (self.zero_at_old_policy, batches)
         if kind == "infonca" and hp["sft_coef"] == 0:
-            checks["dpo_with_two_answers"] = (self.dpo_with_two_answers, policy_batches(max_group_size=2, signal="all", max_len=max_len))
+            checks["dpo_with_two_answers"] = (self.dpo_with_two_answers, self.batches(max_group_size=2, signal="all", max_len=max_len))
         return checks
 
 
@@ -241,6 +254,17 @@ def describe(example: Any) -> dict[str, Any]:
     return {"value": example}
 
 
+def batch_from_counterexample(example: dict[str, Any]) -> PolicyBatch:
+    """The PolicyBatch of a (single-batch) counter-example, as `describe` wrote it: to replay a failure."""
+    return PolicyBatch(
+        logprobs=torch.tensor(example["logprobs"], dtype=torch.float64),
+        old_logprobs=torch.tensor(example["old_logprobs"], dtype=torch.float64),
+        mask=torch.tensor(example["mask"], dtype=torch.bool),
+        rewards=torch.tensor(example["rewards"], dtype=torch.float64),
+        group_ids=torch.tensor(example["group_ids"]),
+    )
+
+
 def breaks(check: Callable, example: Any) -> Optional[str]:
     """The failure message if `check` fails on `example` (an exception from the loss counts), else None."""
     try:
@@ -259,6 +283,7 @@ def check_policy_loss(
     max_examples: int = 100,
     rtol: float = 1e-6,
     atol: float = 1e-9,
+    equal_group_sizes: bool = False,
     **hparams,
 ) -> ConformanceReport:
     """Run polopt's identities for `kind` against `fn(logprobs, old_logprobs, mask, rewards, group_ids)`.
@@ -266,6 +291,8 @@ def check_policy_loss(
     `hparams` are polopt's names for `kind` (e.g. clip_low, loss_agg; epsilon, prompt_weight) and
     must describe what `fn` computes. `max_examples` inputs per identity; `rtol`/`atol` compare
     float64 results (a float32 implementation needs about rtol=1e-4, atol=1e-6).
+    `equal_group_sizes=True` draws batches whose groups all have one size, for code that takes
+    `num_generations` consecutive rows per prompt (TRL, OpenRLHF).
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
@@ -273,7 +300,7 @@ def check_policy_loss(
         raise TypeError(f"fn must be callable (logprobs, old_logprobs, mask, rewards, group_ids) -> loss, got {fn!r}")
     if not (isinstance(max_examples, int) and max_examples >= 1):
         raise ValueError(f"max_examples must be an int >= 1, got {max_examples!r}")
-    checker = Checker(fn, kind, hparams, rtol, atol)
+    checker = Checker(fn, kind, hparams, rtol, atol, equal_group_sizes)
     report = ConformanceReport(kind=kind, hparams=dict(hparams))
     search_settings = settings(
         max_examples=max_examples,
@@ -288,6 +315,9 @@ def check_policy_loss(
             minimal = find(strategy, lambda example: breaks(check, example) is not None, settings=search_settings)
         except NoSuchExample:
             continue
+        except Flaky as error:  # the same input broke the identity on one call and not on the next
+            report.failures.append(ConformanceFailure(name, f"the loss is not deterministic: {str(error).splitlines()[0]}", {}))
+            continue
         report.failures.append(ConformanceFailure(name, breaks(check, minimal) or "flaky failure", describe(minimal)))
     return report
 
@@ -301,4 +331,4 @@ def as_loss_function(loss: torch.nn.Module) -> LossFunction:
     return fn
 
 
-__all__ = ["ConformanceFailure", "ConformanceReport", "KINDS", "as_loss_function", "check_policy_loss"]
+__all__ = ["ConformanceFailure", "ConformanceReport", "KINDS", "as_loss_function", "batch_from_counterexample", "check_policy_loss"]
