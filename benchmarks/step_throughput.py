@@ -60,8 +60,7 @@ def random_batch(num_seqs: int, prompt_len: int, response_len: int, vocab: int, 
         attention_mask=torch.ones(num_seqs, seq, dtype=torch.bool),
         response_mask=torch.ones(num_seqs, response_len, dtype=torch.bool),
         old_logprobs=-2.0 * torch.rand(num_seqs, response_len, generator=g),
-        rewards=rewards, group_ids=group_ids, correct_rate=correct_rate,
-        truncated=torch.zeros(num_seqs, dtype=torch.bool), prompt_len=prompt_len,
+        rewards=rewards, group_ids=group_ids, correct_rate=correct_rate, prompt_len=prompt_len,
     ).to(device)
 
 

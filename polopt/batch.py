@@ -25,7 +25,7 @@ The trainer's log-prob of response token t sits at logits position P - 1 + t.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Optional, Sequence
 
 import torch
@@ -57,9 +57,7 @@ class PromptGroup:
     prompt_ids: list[int]
     answer: str
     completions: list[Completion]
-    prompt: str = ""
     rewards: Optional[list[float]] = None
-    meta: dict = field(default_factory=dict)
 
     @property
     def correct_rate(self) -> float:
@@ -84,9 +82,7 @@ class RolloutBatch:
     rewards: torch.Tensor
     group_ids: torch.Tensor
     correct_rate: torch.Tensor
-    truncated: torch.Tensor
     prompt_len: int
-    ref_logprobs: Optional[torch.Tensor] = None
     rollout_logprobs: Optional[torch.Tensor] = None
     rollout_weights: Optional[torch.Tensor] = None
 
@@ -103,11 +99,11 @@ class RolloutBatch:
         return int(self.response_mask.sum())
 
     @classmethod
-    def collate(cls, groups: list[PromptGroup], pad_id: int, first_group_id: int = 0) -> "RolloutBatch":
-        """Pad whole groups into one batch. Group ids are consecutive from `first_group_id`."""
+    def collate(cls, groups: list[PromptGroup], pad_id: int) -> "RolloutBatch":
+        """Pad whole groups into one batch. Group ids are 0, 1, ... in the order of `groups`."""
         if not groups:
             raise ValueError("RolloutBatch.collate got no groups")
-        rows = [(g, c, gid) for gid, g in enumerate(groups, first_group_id) for c in g.completions]
+        rows = [(g, c, gid) for gid, g in enumerate(groups) for c in g.completions]
         prompt_len = max(len(g.prompt_ids) for g in groups)
         response_len = max(1, max(len(c.token_ids) for _, c, _ in rows))
         B, S = len(rows), prompt_len + response_len
@@ -129,7 +125,6 @@ class RolloutBatch:
                 raise ValueError("every PromptGroup needs one reward per completion before collate")
         # Truncated answers are wrong whatever the verifier said (the paper's setting).
         rewards = torch.tensor([r for g in groups for r in scored_rewards(g.completions, g.rewards)], dtype=torch.float32)
-        truncated = torch.tensor([c.truncated for _, c, _ in rows], dtype=torch.bool)
         group_ids = torch.tensor([gid for _, _, gid in rows], dtype=torch.long)
         correct_rate = group_correct_rate(rewards, group_ids)
         return cls(
@@ -141,7 +136,6 @@ class RolloutBatch:
             rewards=rewards,
             group_ids=group_ids,
             correct_rate=correct_rate,
-            truncated=truncated,
             prompt_len=prompt_len,
         )
 

@@ -120,9 +120,7 @@ class DynamicSampler:
                 prompt_ids=list(p["prompt_ids"]),
                 answer=p["answer"],
                 completions=group,
-                prompt=p.get("prompt", ""),
                 rewards=scored_rewards(group, rewards[i * K : (i + 1) * K]),
-                meta={"source": p.get("source", "")},
             )
             for i, (p, group) in enumerate(zip(prompts, completions))
         ]

@@ -1,4 +1,5 @@
-"""Model builders named in the configs (`model._component_: polopt.models.<name>`).
+"""Model builders named in the configs (`model._component_: polopt.models.<name>`); a model whose
+torchtune builder already has the right shapes (Qwen2.5-32B) is named directly in its config.
 
 Each returns a torchtune `TransformerDecoder` whose shapes match a Hugging Face Qwen2 checkpoint,
 so `FullModelHFCheckpointer(model_type="QWEN2")` loads the weights into it. The Qwen2.5-Math
@@ -9,7 +10,6 @@ shapes differ from torchtune's `qwen2_*` builders (rope_base 10000 and a 4K cont
 from __future__ import annotations
 
 from torchtune.models.qwen2 import qwen2
-from torchtune.models.qwen2_5 import qwen2_5_32b_base
 from torchtune.modules import TransformerDecoder
 
 # The embedded tiny model (assets/tiny_arith/config.json is written from these by
@@ -51,8 +51,3 @@ def qwen2_5_math_7b() -> TransformerDecoder:
     return qwen2(vocab_size=152064, num_layers=28, num_heads=28, num_kv_heads=4, embed_dim=3584,
                  intermediate_dim=18944, tie_word_embeddings=False, **_QWEN2_5_MATH)
 
-
-def qwen2_5_32b() -> TransformerDecoder:
-    """Qwen/Qwen2.5-32B (base): torchtune's own builder, re-exported so every config names a
-    `polopt.models` builder."""
-    return qwen2_5_32b_base()

@@ -416,10 +416,6 @@ class PromptStream:
             raise ValueError(f"PromptStream.next_batch: n must be >= 1, got {n}")
         return [self._next_item() for _ in range(n)]
 
-    def __iter__(self):
-        while True:
-            yield self.next_batch()
-
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "loader": self.loader.state_dict() if self._iterator is not None else None}
 

@@ -196,6 +196,12 @@ class OnlineRLRecipe(FTRecipeInterface):
             loss_fn = get_loss(cfg.loss, **kwargs)
         except (KeyError, ValueError, TypeError) as e:
             raise ConfigError(f"loss={cfg.loss} with loss_args.{cfg.loss}={kwargs}: {e}", f"loss_args.{cfg.loss}") from e
+        if getattr(loss_fn, "kl_coef", 0.0) > 0:
+            raise ConfigError(
+                f"loss_args.{cfg.loss}.kl_coef={loss_fn.kl_coef}: the KL term needs a reference policy's log-probs, "
+                f"which this recipe does not compute; set loss_args.{cfg.loss}.kl_coef=0 (the losses take "
+                "ref_logprobs= when called from your own trainer)", f"loss_args.{cfg.loss}.kl_coef"
+            )
         if loss_fn.normalizer_kind == "sequences_x_horizon" and loss_fn.max_response_len is None:
             # Dr.GRPO's L must be a constant of the run, not the longest answer of each batch/rank.
             loss_fn.max_response_len = cfg.rollout.max_new_tokens
@@ -578,7 +584,7 @@ class OnlineRLRecipe(FTRecipeInterface):
         if hasattr(self.verifier, "close"):
             self.verifier.close()
         if self._distributed:
-            dist.barrier()  # without it, an occasional rank aborts at exit (NOTES.md)
+            dist.barrier()  # without it, an occasional rank aborts at exit (docs/design.md, toolchain facts)
         if hasattr(self.engine, "close"):
             self.engine.close()  # vLLM's shutdown also destroys the default process group
         if self._distributed and dist.is_initialized():

@@ -262,6 +262,7 @@ TRAIN_ERRORS = {
     "malformed JSONL": (["dataset.source={bad_jsonl}"], ["bad.jsonl:2: invalid JSON", "(column 20)"]),
     "missing answer field": (["dataset.answer_field=solution"], ["train.jsonl:1:", "Set dataset.answer_field"]),
     "unknown template": (["dataset.template=qwen_boxd"], ["dataset.template='qwen_boxd'", "qwen_boxed"]),
+    "kl term without a reference policy": (["loss_args.nft.kl_coef=0.1"], ["loss_args.nft.kl_coef=0.1", "kl_coef=0"]),
     "missing model_dir": (["model_dir=/no/such/model"], ["/no/such/model: no such folder", "set model_dir"]),
     "missing weights": (["checkpointer.checkpoint_files=[weights.safetensors]"],
                         ["weights.safetensors", "model.safetensors", "set checkpointer.checkpoint_files"]),

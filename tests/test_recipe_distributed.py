@@ -36,8 +36,7 @@ def fixed_batch(num_groups: int = 8, group_size: int = 4, prompt_len: int = 12, 
     old_logprobs = (-torch.rand(B, response_len, generator=g) * 6 - 0.5) * response_mask
     return RolloutBatch(
         input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask,
-        old_logprobs=old_logprobs, rewards=rewards, group_ids=group_ids, correct_rate=correct_rate,
-        truncated=torch.zeros(B, dtype=torch.bool), prompt_len=prompt_len,
+        old_logprobs=old_logprobs, rewards=rewards, group_ids=group_ids, correct_rate=correct_rate, prompt_len=prompt_len,
     )
 
 
