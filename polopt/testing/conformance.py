@@ -9,7 +9,7 @@ contract without the optional kwargs). Hypothesis draws batches from the strateg
 tests use (polopt.testing.strategies) and, for every identity, searches for an input that breaks
 it; a failure is shrunk to a minimal counter-example. Inputs are float64 except where noted.
 
-Identities (DESIGN.md numbers in brackets):
+Identities (docs/design.md numbers in brackets):
   agreement                       value and ∂/∂logprobs equal polopt's loss of `kind` with `hparams`
   no_signal_groups_contribute_zero   all-right/all-wrong groups: zero loss, zero gradient on their rows
   padding_invariance              what padding holds changes nothing; gradient on padding is 0
