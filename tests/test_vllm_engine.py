@@ -272,6 +272,20 @@ def test_tune_run_on_two_ranks_each_with_its_own_vllm_engine(tmp_path):
     assert any((tmp_path / "final").glob("*.safetensors"))
 
 
+def test_tiny_arith_vllm_training_gains_20_points_of_held_out_accuracy(tmp_path):
+    """(c) configs/tiny_arith_vllm.yaml as shipped (NFT, vLLM rollouts, the first 200 held-out
+    questions, avg@4), cut to 20 of its 60 steps to fit the suite: held-out accuracy must rise by
+    at least 20 points (measured: 0.30 -> 0.59 at step 20, 0.84 at step 60; docs/rollout.md)."""
+    proc = tune_run(
+        "recipes/online_rl_distributed.py", "configs/tiny_arith_vllm.yaml", f"output_dir={tmp_path}",
+        "max_steps=20", "validation.every_n_steps=20", "checkpoint_every_n_steps=null", "save_final_model=false",
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 20
+    assert summary["val_accuracy_after"] - summary["val_accuracy_before"] >= 0.20, summary
+
+
 def test_engine_model_that_does_not_fit_the_trainer_is_a_setup_error(tmp_path, untied_dir):
     """The trainer loads the tied tiny model, the engine an untied one: exit code 2 at setup, one
     line naming both."""
