@@ -30,6 +30,7 @@ from polopt.prompts import TOO_LONG_POLICIES
 _NUMBER = (int, float)
 _OPTIONAL_INT = (int, type(None))
 _OPTIONAL_STR = (str, type(None))
+_OPTIONAL_NUMBER = (int, float, type(None))
 
 # key -> (accepted types, default). `None` default with a non-None type means required.
 SCHEMA: dict[str, Any] = {
@@ -49,7 +50,7 @@ SCHEMA: dict[str, Any] = {
     "verifier": ("component", None),
     "metric_logger": ("component", None),
     "lr_warmup_steps": (int, 0),
-    "clip_grad_norm": ((int, float, type(None)), 1.0),
+    "clip_grad_norm": (_OPTIONAL_NUMBER, 1.0),
     "num_minibatches": (int, 1),
     "gradient_accumulation_steps": (int, 1),
     "balance_minibatch_tokens": (bool, False),
@@ -119,7 +120,7 @@ SECTIONS: dict[str, dict[str, Any]] = {
         "level": (str, "token"),
         "mode": (str, "truncate"),
         "cap": (_NUMBER, 3.0),
-        "min_ratio": ((int, float, type(None)), None),
+        "min_ratio": (_OPTIONAL_NUMBER, None),
     },
 }
 
