@@ -1,8 +1,8 @@
 """What flows between the stages of the data path.
 
-    rollout engine  ->  PromptGroup (one prompt, its K Completions)
-    verifier        ->  PromptGroup.rewards
-    filter          ->  the groups worth training on (0 < r̂ < 1)
+    rollout engine + verifier  ->  PromptGroup (one prompt, its K Completions, final rewards, r̂)
+    filter                     ->  the groups worth training on (0 < r̂ < 1)
+    (both in polopt.rollout.sampler)
     RolloutBatch.collate(groups)  ->  padded tensors for the trainer
     RolloutBatch.split(n)         ->  mini-batches of whole groups
 
@@ -16,21 +16,20 @@ Layout of a collated batch (B rows, prompt width P, response width T, S = P + T)
     rollout_logprobs [B, T] the engine's log-probs, kept as reported (0 on padding): with
                             old_logprobs they give the rollout correction (polopt.rollout.correction)
     rollout_weights [B, T]  that correction's per-token loss weights, None when it is off
-    rewards         [B]     0/1 verifier rewards (truncated answers already scored 0)
+    rewards         [B]     the groups' final rewards (truncated answers scored 0 by the sampler)
     group_ids       [B]     equal for the K answers of one prompt
-    correct_rate    [B]     r̂ of each row's group, computed over the whole group
+    correct_rate    [B]     r̂ of each row's group (PromptGroup.correct_rate, over the whole group)
 
 The trainer's log-prob of response token t sits at logits position P - 1 + t.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Optional, Sequence
 
 import torch
 
-from polopt.losses.group_stats import group_correct_rate
 
 
 @dataclass
@@ -50,21 +49,26 @@ class Completion:
             )
 
 
-@dataclass
+@dataclass(frozen=True)
 class PromptGroup:
-    """A prompt and its K sampled answers. `rewards` is filled in by the verifier."""
+    """A prompt and its K sampled answers with their final rewards (truncated answers already 0).
+
+    `correct_rate` r̂ = mean reward of the K answers is computed here, once; the filter, the batch
+    and the loss all read this value."""
 
     prompt_ids: list[int]
     answer: str
     completions: list[Completion]
-    rewards: Optional[list[float]] = None
+    rewards: list[float]
+    correct_rate: float = field(init=False)
 
-    @property
-    def correct_rate(self) -> float:
-        """r̂ = mean reward over the group's K answers (truncated answers count as wrong)."""
-        if self.rewards is None:
-            raise ValueError("PromptGroup.correct_rate needs rewards: run the verifier first")
-        return sum(self.rewards) / len(self.rewards)
+    def __post_init__(self) -> None:
+        if len(self.rewards) != len(self.completions) or not self.completions:
+            raise ValueError(
+                f"PromptGroup needs one reward per completion and at least one completion, got "
+                f"{len(self.rewards)} rewards for {len(self.completions)} completions"
+            )
+        object.__setattr__(self, "correct_rate", sum(self.rewards) / len(self.rewards))
 
 
 def scored_rewards(completions: Sequence[Completion], verifier_rewards: Sequence[float]) -> list[float]:
@@ -120,13 +124,9 @@ class RolloutBatch:
                 old_logprobs[i, :n] = torch.tensor(c.logprobs, dtype=torch.float32)
             attention_mask[i, prompt_len : prompt_len + n] = True
             response_mask[i, :n] = True
-        for g in groups:
-            if g.rewards is None or len(g.rewards) != len(g.completions):
-                raise ValueError("every PromptGroup needs one reward per completion before collate")
-        # Truncated answers are wrong whatever the verifier said (the paper's setting).
-        rewards = torch.tensor([r for g in groups for r in scored_rewards(g.completions, g.rewards)], dtype=torch.float32)
+        rewards = torch.tensor([r for g in groups for r in g.rewards], dtype=torch.float32)
         group_ids = torch.tensor([gid for _, _, gid in rows], dtype=torch.long)
-        correct_rate = group_correct_rate(rewards, group_ids)
+        correct_rate = torch.tensor([g.correct_rate for g, _, _ in rows], dtype=torch.float32)
         return cls(
             input_ids=input_ids,
             attention_mask=attention_mask,

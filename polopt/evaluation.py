@@ -12,15 +12,16 @@ from typing import Callable, Optional, Sequence
 
 from tqdm import tqdm
 
-from polopt.batch import scored_rewards
+from polopt.prompts import Prompt
 from polopt.rollout import SamplingParams
+from polopt.rollout.sampler import generate_and_verify
 from polopt.verify import verification_counts
 
 
 def evaluate_prompts(
     engine,
     verifier: Callable[[list[str], list[str]], list[float]],
-    prompts: Sequence[dict],
+    prompts: Sequence[Prompt],
     *,
     k: int,
     params: SamplingParams,
@@ -28,7 +29,7 @@ def evaluate_prompts(
     progress: bool = False,
     desc: str = "eval",
 ) -> dict[str, float]:
-    """Sample `k` answers for each prompt dict ({"prompt_ids", "answer"}), verify, and score.
+    """Sample `k` answers for each `Prompt`, verify, and score (as training does: `generate_and_verify`).
 
     Truncated answers count as wrong. Returns sums as well as means so that callers sharding
     questions across ranks can add them up: {"correct", "solved", "n_questions", "k",
@@ -46,15 +47,11 @@ def evaluate_prompts(
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         seed = None if params.seed is None else params.seed + start
-        groups = engine.generate([p["prompt_ids"] for p in chunk], k, replace(params, seed=seed))
-        texts = [c.text for completions in groups for c in completions]
-        answers = [p["answer"] for p, completions in zip(chunk, groups) for _ in completions]
-        rewards = verifier(texts, answers)
-        flat = [c for completions in groups for c in completions]
-        for i, completions in enumerate(groups):
-            scores = scored_rewards(completions, rewards[i * k : (i + 1) * k])
-            correct += sum(scores)
-            solved += float(max(scores) > 0)
+        groups = generate_and_verify(engine, verifier, chunk, k, replace(params, seed=seed))
+        flat = [c for g in groups for c in g.completions]
+        for g in groups:
+            correct += sum(g.rewards)
+            solved += float(max(g.rewards) > 0)
         tokens += sum(len(c.token_ids) for c in flat)
         truncated += sum(c.truncated for c in flat)
         bar.update(len(chunk))

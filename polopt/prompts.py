@@ -3,7 +3,7 @@
     rows = load_rows("../shared/data/math500.jsonl")                      # [{"question","answer","source"}]
     dataset = PromptDataset(rows, tokenizer, template="qwen_boxed", max_prompt_tokens=1024)
     stream = PromptStream(dataset, batch_size=64, seed=0, num_replicas=world_size, rank=rank)
-    batch = stream.next_batch()        # list of {"prompt", "prompt_ids", "answer", "source"}
+    batch = stream.next_batch()        # list of Prompt(text, token_ids, answer, source)
     state = stream.state_dict()        # a stream restored from it yields exactly the next prompts
 
 Every row keeps where it came from ("<file>:<line>"), so a bad row — a missing field, a gold answer
@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -235,8 +235,22 @@ def _decode_with_specials(tokenizer, ids: list[int]) -> str:
 
 
 # --------------------------------------------------------------------------- dataset
+@dataclass(frozen=True)
+class Prompt:
+    """One templated, tokenized question and its gold answer, as every stage after the dataset sees it.
+
+    `text` is the prompt as the model reads it (template filled, chat markup included), `token_ids`
+    its tokens, `answer` the gold answer the verifier compares with, `source` "<file>:<line>".
+    """
+
+    text: str
+    token_ids: list[int]
+    answer: str
+    source: str = ""
+
+
 class PromptDataset(torch.utils.data.Dataset):
-    """Map-style dataset: ``ds[i] -> {"prompt", "prompt_ids", "answer", "source"}``.
+    """Map-style dataset: ``ds[i] -> Prompt``.
 
     Plain templates are encoded with ``add_bos=True, add_eos=False`` (a prompt is continued, never
     ended); chat templates as in `_tokenize_chat`. With `max_prompt_tokens`, every prompt is
@@ -267,7 +281,7 @@ class PromptDataset(torch.utils.data.Dataset):
         self.max_prompt_tokens = max_prompt_tokens
         self.on_too_long = on_too_long
         self.rows = list(rows)
-        self._cache: dict[int, dict] = {}
+        self._cache: dict[int, Prompt] = {}
         self.num_dropped = 0
         self.num_truncated = 0
         if max_prompt_tokens is not None:
@@ -277,7 +291,7 @@ class PromptDataset(torch.utils.data.Dataset):
         kept, kept_items = [], {}
         for i, row in enumerate(self.rows):
             item = self._build(row)
-            n = len(item["prompt_ids"])
+            n = len(item.token_ids)
             if n > self.max_prompt_tokens:
                 if self.on_too_long == "error":
                     p = self._prefix
@@ -288,8 +302,8 @@ class PromptDataset(torch.utils.data.Dataset):
                 if self.on_too_long == "drop":
                     self.num_dropped += 1
                     continue
-                ids = item["prompt_ids"][-self.max_prompt_tokens :]
-                item = {**item, "prompt_ids": ids, "prompt": _decode_with_specials(self.tokenizer, ids)}
+                ids = item.token_ids[-self.max_prompt_tokens :]
+                item = replace(item, token_ids=ids, text=_decode_with_specials(self.tokenizer, ids))
                 self.num_truncated += 1
             kept_items[len(kept)] = item
             kept.append(row)
@@ -307,19 +321,19 @@ class PromptDataset(torch.utils.data.Dataset):
             )
         self.rows, self._cache = kept, kept_items
 
-    def _build(self, row: dict) -> dict:
+    def _build(self, row: dict) -> Prompt:
         if isinstance(self.template, ChatPrompt):
             ids = _tokenize_chat(self.tokenizer, _fill(self.template.user, row["question"]))
             prompt = _decode_with_specials(self.tokenizer, ids)
         else:
             prompt = _fill(self.template, row["question"])
             ids = list(self.tokenizer.encode(prompt, add_bos=True, add_eos=False))
-        return {"prompt": prompt, "prompt_ids": ids, "answer": row["answer"], "source": row.get("source", "")}
+        return Prompt(text=prompt, token_ids=ids, answer=row["answer"], source=row.get("source", ""))
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int) -> Prompt:
         if not 0 <= index < len(self.rows):
             raise IndexError(f"PromptDataset index {index} out of range (size {len(self.rows)})")
         item = self._cache.get(index)
@@ -330,7 +344,7 @@ class PromptDataset(torch.utils.data.Dataset):
     def check_fits(self, max_new_tokens: int, max_seq_len: int, *, max_new_tokens_key: str) -> None:
         """Raise a `DataError` now, not mid-training, if a prompt plus `max_new_tokens` would not fit
         the model's context; it names the file, the counts and the keys that fix it."""
-        lengths = [len(self[i]["prompt_ids"]) for i in range(len(self))]
+        lengths = [len(self[i].token_ids) for i in range(len(self))]
         budget = max_seq_len - max_new_tokens
         too_long = [i for i, n in enumerate(lengths) if n > budget]
         if not too_long:
@@ -341,7 +355,7 @@ class PromptDataset(torch.utils.data.Dataset):
             raise DataError(f"{max_new_tokens_key}={max_new_tokens} leaves no room for a prompt in the model's "
                             f"max_seq_len ({max_seq_len}); lower {max_new_tokens_key}")
         raise DataError(
-            f"{self[longest]['source']}: the longest prompt ({lengths[longest]} tokens) + {max_new_tokens_key}="
+            f"{self[longest].source}: the longest prompt ({lengths[longest]} tokens) + {max_new_tokens_key}="
             f"{max_new_tokens} exceeds the model's max_seq_len ({max_seq_len}); {len(too_long)} of {len(lengths)} "
             f"prompts are longer than {budget} tokens: set {p}max_prompt_tokens={budget} (with {p}on_too_long="
             f"{self.on_too_long} they are {'dropped' if self.on_too_long == 'drop' else 'cut'}) or lower {max_new_tokens_key}"
@@ -349,7 +363,7 @@ class PromptDataset(torch.utils.data.Dataset):
 
 
 # --------------------------------------------------------------------------- stream
-def _as_list(items: list[dict]) -> list[dict]:
+def _as_list(items: list[Prompt]) -> list[Prompt]:
     return items
 
 
@@ -397,7 +411,7 @@ class PromptStream:
             raise ValueError(f"PromptStream: batch_size must be a positive int, got {value!r}")
         self._batch_size = value
 
-    def _next_item(self) -> dict:
+    def _next_item(self) -> Prompt:
         for _ in range(2):  # at most one epoch boundary per item
             if self._iterator is None:
                 self.sampler.set_epoch(self.epoch)
@@ -409,7 +423,7 @@ class PromptStream:
                 self.epoch += 1
         raise RuntimeError("PromptStream: the sampler yielded nothing for a whole epoch")
 
-    def next_batch(self, n: Optional[int] = None) -> list[dict]:
+    def next_batch(self, n: Optional[int] = None) -> list[Prompt]:
         """The next `n` prompts (default `batch_size`) of this rank's endless shuffled stream."""
         n = self.batch_size if n is None else n
         if n < 1:

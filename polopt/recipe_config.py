@@ -4,7 +4,7 @@
 (recipes/evaluate.py): a typo in a config file or on the command line (`rollout.temprature=0.7`,
 `loss_args.nfft.epsilon=0.5`, `max_new_token=8`) is an error naming the key and listing the valid
 ones, not a silently ignored setting. Sections holding a `_component_` (model, tokenizer,
-checkpointer, optimizer, verifier, metric_logger, rollout.engine) are passed to
+checkpointer, optimizer, lr_scheduler, verifier, metric_logger, rollout.engine) are passed to
 `torchtune.config.instantiate` and checked by the component's own constructor instead.
 
 User errors, config or data, are `UserError`s: the recipes print them as one line (`error: ...`,
@@ -49,7 +49,13 @@ SCHEMA: dict[str, Any] = {
     "optimizer": ("component", None),
     "verifier": ("component", None),
     "metric_logger": ("component", None),
-    "lr_warmup_steps": (int, 0),
+    # torchtune's cosine schedule with zero cycles is a linear warm-up from 0, then constant; the
+    # recipe passes the optimizer and num_training_steps=max_steps.
+    "lr_scheduler": ("component", {
+        "_component_": "torchtune.training.lr_schedulers.get_cosine_schedule_with_warmup",
+        "num_warmup_steps": 0,
+        "num_cycles": 0.0,
+    }),
     "clip_grad_norm": (_OPTIONAL_NUMBER, 1.0),
     "num_minibatches": (int, 1),
     "gradient_accumulation_steps": (int, 1),

@@ -565,7 +565,7 @@ def verification_counts(verifier, since: Optional[dict[str, float]] = None) -> d
     """`verifier.stats()` minus `since` (an earlier `stats()`), or {} for a verifier without `stats()`.
 
     How callers see that verification, not the model, failed: training logs the counts of each
-    rollout (polopt.filtering), evaluation writes them beside avg@k (polopt.evaluation).
+    rollout (polopt.rollout.sampler), evaluation writes them beside avg@k (polopt.evaluation).
     """
     stats = getattr(verifier, "stats", None)
     if stats is None:

@@ -6,13 +6,13 @@
 
 One step of this recipe is one policy iteration:
 
-    groups = sampler.sample()                 # K answers per prompt, verified; keep 0 < r̂ < 1
+    groups = sampler.sample(seed)             # K answers per prompt, verified; keep 0 < r̂ < 1
     batch  = RolloutBatch.collate(groups)     # tokens, masks, old log-probs, rewards, group ids, r̂
     for minibatch in batch.split(num_minibatches):          # whole groups; one optimiser step each
         for micro in minibatch.split(gradient_accumulation_steps):
             loss = loss_fn(log π_θ, log π_old, mask, r, group ids; normaliser of the whole minibatch)
             loss.backward()
-        clip gradients; AdamW step; LR warm-up
+        clip gradients; AdamW step; LR schedule step (skipped if the loss is not finite)
     push weights to the rollout engine; validate (avg@k); checkpoint
 
 Data parallel: each rank samples its own share of prompts (num_prompts / world_size), the model is
@@ -55,13 +55,14 @@ from polopt.checkpoint import (
 )
 from polopt.errors import UserError
 from polopt.evaluation import evaluate_prompts, merge_counts
-from polopt.filtering import DynamicSampler
 from polopt.losses import get_loss, global_normalizer
+from polopt.metrics import MetricSums
 from polopt.policy import response_logprobs
 from polopt.prompts import PromptDataset, PromptStream, load_rows
 from polopt.recipe_config import ConfigError, describe_user_error, resume_config_changes, validate_config
 from polopt.rollout import SamplingParams
 from polopt.rollout.correction import RolloutCorrection
+from polopt.rollout.sampler import DynamicSampler
 
 log = utils.get_logger("INFO")
 
@@ -161,10 +162,7 @@ class OnlineRLRecipe(FTRecipeInterface):
         self.tokenizer = config.instantiate(cfg.tokenizer)
         self.model = self._setup_model(cfg, model_state)
         self.optimizer = config.instantiate(cfg.optimizer, self.model.parameters())
-        # torchtune's schedule with zero cosine cycles: linear warm-up from 0, then constant.
-        self.lr_scheduler = training.lr_schedulers.get_cosine_schedule_with_warmup(
-            self.optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_steps, num_cycles=0.0
-        )
+        self.lr_scheduler = config.instantiate(cfg.lr_scheduler, self.optimizer, num_training_steps=cfg.max_steps)
         self.verifier = config.instantiate(cfg.verifier)
         self.engine = self._setup_rollout_engine(cfg, model_state)
         self.prompt_stream = self._setup_prompts(cfg)
@@ -174,8 +172,7 @@ class OnlineRLRecipe(FTRecipeInterface):
             self.verifier,
             num_prompts=cfg.rollout.num_prompts // self.world_size,
             num_samples=cfg.rollout.num_samples,
-            sampling_params=self._sampling_params(cfg.rollout),
-            gen_batch_size=_per_rank(cfg.filter.gen_batch_size, self.world_size),
+            params=self._sampling_params(cfg.rollout),
             max_gen_batches=cfg.filter.max_gen_batches,
             filter_groups=cfg.filter.enabled,
         )
@@ -194,6 +191,9 @@ class OnlineRLRecipe(FTRecipeInterface):
         kwargs = OmegaConf.to_container(section, resolve=True) if section is not None else {}
         try:
             loss_fn = get_loss(cfg.loss, **kwargs)
+            if loss_fn.normalizer_kind == "sequences_x_horizon" and loss_fn.max_response_len is None:
+                # Dr.GRPO's L must be a constant of the run, not the longest answer of each batch/rank.
+                loss_fn = get_loss(cfg.loss, **kwargs, max_response_len=cfg.rollout.max_new_tokens)
         except (KeyError, ValueError, TypeError) as e:
             raise ConfigError(f"loss={cfg.loss} with loss_args.{cfg.loss}={kwargs}: {e}", f"loss_args.{cfg.loss}") from e
         if getattr(loss_fn, "kl_coef", 0.0) > 0:
@@ -202,9 +202,6 @@ class OnlineRLRecipe(FTRecipeInterface):
                 f"which this recipe does not compute; set loss_args.{cfg.loss}.kl_coef=0 (the losses take "
                 "ref_logprobs= when called from your own trainer)", f"loss_args.{cfg.loss}.kl_coef"
             )
-        if loss_fn.normalizer_kind == "sequences_x_horizon" and loss_fn.max_response_len is None:
-            # Dr.GRPO's L must be a constant of the run, not the longest answer of each batch/rank.
-            loss_fn.max_response_len = cfg.rollout.max_new_tokens
         return loss_fn
 
     def _setup_model(self, cfg: DictConfig, model_state: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -314,94 +311,114 @@ class OnlineRLRecipe(FTRecipeInterface):
         """Sample, verify and filter; collate the kept groups into one batch (None if none kept)."""
         self.model.eval()
         # Seeded per (run seed, step, rank): a resumed run samples exactly what the original did.
-        self.sampler.sampling_params = self._sampling_params(
-            self.cfg.rollout, seed=_mix_seed(self.seed, self.global_step, self.rank)
-        )
-        groups, metrics = self.sampler.sample()
+        groups, metrics = self.sampler.sample(seed=_mix_seed(self.seed, self.global_step, self.rank))
         if not groups:
             return None, metrics
         batch = RolloutBatch.collate(groups, pad_id=self.tokenizer.pad_id)
         if self.cfg.recompute_old_logprobs:
-            with torch.no_grad():
-                batch.old_logprobs = self._logprobs(batch.to(self._device))[0].cpu() * batch.response_mask
+            batch.old_logprobs = self._old_logprobs(batch)
             batch.rollout_weights, mismatch = self.rollout_correction.weights(
                 batch.old_logprobs, batch.rollout_logprobs, batch.response_mask
             )
             metrics.update(mismatch)
         return batch, metrics
 
-    def _logprobs(self, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def update_policy(self, batch: RolloutBatch) -> MetricSums:
+        """Algorithm 1, lines 9-12: one optimiser step per mini-batch of whole groups.
+
+        Every rank calls this with its own share of the batch; mini-batch and micro-batch counts
+        are agreed across ranks (`_split_agreed`), since FSDP's forward and backward are collective.
+        """
+        self.model.train()
+        metrics = MetricSums()
+        for minibatch in self._split_agreed(batch, self.cfg.num_minibatches, self.cfg.balance_minibatch_tokens):
+            minibatch = minibatch.to(self._device)
+            normalizer = self._global_normalizer(minibatch)
+            step_metrics, local_loss = MetricSums(), 0.0
+            for micro in self._split_agreed(minibatch, self.cfg.gradient_accumulation_steps):
+                logprobs, entropy = self._logprobs(micro)
+                out = self.loss_fn(
+                    logprobs, micro.old_logprobs, micro.response_mask, micro.rewards, micro.group_ids,
+                    correct_rate=micro.correct_rate, normalizer=normalizer, token_weights=micro.rollout_weights,
+                )
+                # FSDP2 averages gradients over ranks; the normaliser is global, so scale back to a sum.
+                (out.loss * self.world_size).backward()
+                local_loss += out.loss.item()
+                step_metrics.add("entropy", (entropy * micro.response_mask).sum().item(), weight=micro.num_tokens)
+                step_metrics.add_means(out.metrics)
+            optimizer_metrics = self._optimizer_step(local_loss)
+            if optimizer_metrics is not None:  # a skipped step's metrics are not logged
+                step_metrics.add_means(optimizer_metrics)
+                metrics.merge(step_metrics)
+        metrics.add("lr", self.optimizer.param_groups[0]["lr"])
+        return metrics
+
+    def _optimizer_step(self, local_loss: float) -> Optional[dict[str, float]]:
+        """Clip the gradients, step the optimiser and the LR schedule; returns the mini-batch's
+        global loss (and gradient norm). If that loss is not finite on any rank, the gradients
+        are dropped instead, the skip counted (more than `max_nan_steps` stops the run) and None
+        returned."""
+        loss = self._all_reduce(torch.tensor(local_loss, dtype=torch.float64)).item()
+        if not math.isfinite(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nan_steps += 1
+            log.warning(f"step {self.global_step}: non-finite loss, optimiser step skipped ({self.nan_steps} so far)")
+            if self.nan_steps > self.cfg.max_nan_steps:
+                raise RuntimeError(f"{self.nan_steps} non-finite losses (max_nan_steps={self.cfg.max_nan_steps}); stopping")
+            return None
+        stats = {"loss": loss}
+        if self.cfg.clip_grad_norm is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=float(self.cfg.clip_grad_norm))
+            stats["grad_norm"] = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr_scheduler.step()
+        return stats
+
+    def _old_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
+        """log π_old of `batch` by the trainer's own forward, in the training micro-batches' size."""
+        chunks = self._split_agreed(batch, self.cfg.num_minibatches * self.cfg.gradient_accumulation_steps)
+        if not torch.equal(torch.cat([c.group_ids for c in chunks]), batch.group_ids):
+            raise RuntimeError("RolloutBatch.split reordered rows; π_old would be misaligned")
+        with torch.no_grad():
+            parts = [self._logprobs(c.to(self._device), entropy=False)[0].cpu() for c in chunks]
+        return torch.cat(parts) * batch.response_mask
+
+    def _logprobs(self, batch: RolloutBatch, entropy: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         return response_logprobs(
             self.model,
             batch,
             temperature=self.cfg.rollout.temperature,
             fused=self.cfg.fused_logprobs,
             chunk_size=self.cfg.logprob_chunk_size,
-            return_entropy=True,
+            return_entropy=entropy,
         )
 
-    def update_policy(self, batch: RolloutBatch) -> dict[str, float]:
-        """Optimiser steps on mini-batches of whole groups; returns metrics averaged over them.
+    # ------------------------------------------------------------------ cross-rank agreement
+    def _split_agreed(self, batch: RolloutBatch, n: int, balance_tokens: bool = False) -> list[RolloutBatch]:
+        """`batch.split` into min(n, fewest groups any rank holds) parts: the same count on every rank."""
+        fewest_groups = self._all_reduce(torch.tensor(float(batch.group_ids.unique().numel())), op=dist.ReduceOp.MIN)
+        return batch.split(int(min(n, fewest_groups.item())), balance_tokens=balance_tokens)
 
-        Every rank must call this the same number of times; mini-batch and micro-batch counts are
-        agreed across ranks (the smallest local group count bounds them).
-        """
-        self.model.train()
-        num_groups = self._all_reduce(torch.tensor(float(batch.group_ids.unique().numel())), op=dist.ReduceOp.MIN)
-        num_minibatches = int(min(self.cfg.num_minibatches, num_groups.item()))
-        sums: dict[str, float] = {}
-        for minibatch in batch.split(num_minibatches, balance_tokens=self.cfg.balance_minibatch_tokens):
-            minibatch = minibatch.to(self._device)
-            local_norm = torch.as_tensor(
-                global_normalizer(self.loss_fn, minibatch.response_mask, group_ids=minibatch.group_ids),
-                dtype=torch.float64,
-            )
-            # token-sum has no denominator (1 on every rank): summing it would scale the loss.
-            normalizer = local_norm if self.loss_fn.normalizer_kind == "none" else self._all_reduce(local_norm.clone())
-            local_groups = self._all_reduce(torch.tensor(float(minibatch.group_ids.unique().numel())), op=dist.ReduceOp.MIN)
-            micro_batches = minibatch.split(int(min(self.cfg.gradient_accumulation_steps, local_groups.item())))
-            step_metrics: dict[str, float] = {"loss": 0.0}
-            entropy_sum = torch.zeros((), dtype=torch.float64)
-            for micro in micro_batches:
-                logprobs, entropy = self._logprobs(micro)
-                out = self.loss_fn(
-                    logprobs,
-                    micro.old_logprobs,
-                    micro.response_mask,
-                    micro.rewards,
-                    micro.group_ids,
-                    correct_rate=micro.correct_rate,
-                    normalizer=normalizer.item(),
-                    token_weights=micro.rollout_weights,
-                )
-                # FSDP2 averages gradients over ranks; the normaliser is global, so scale back to a sum.
-                (out.loss * self.world_size).backward()
-                step_metrics["loss"] += out.loss.item()
-                entropy_sum += (entropy.detach().double() * micro.response_mask).sum()
-                for name, value in out.metrics.items():
-                    step_metrics[name] = step_metrics.get(name, 0.0) + value / len(micro_batches)
-            step_metrics["loss"] = self._all_reduce(torch.tensor(step_metrics["loss"], dtype=torch.float64)).item()
-            tokens = self._all_reduce(torch.tensor(float(minibatch.num_tokens), dtype=torch.float64))
-            step_metrics["entropy"] = (self._all_reduce(entropy_sum) / tokens.clamp(min=1)).item()
-            if not math.isfinite(step_metrics["loss"]):
-                self.optimizer.zero_grad(set_to_none=True)
-                self.nan_steps += 1
-                log.warning(f"step {self.global_step}: non-finite loss, optimiser step skipped ({self.nan_steps} so far)")
-                if self.nan_steps > self.cfg.max_nan_steps:
-                    raise RuntimeError(f"{self.nan_steps} non-finite losses (max_nan_steps={self.cfg.max_nan_steps}); stopping")
-                continue
-            if self.cfg.clip_grad_norm is not None:
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=float(self.cfg.clip_grad_norm))
-                if hasattr(grad_norm, "full_tensor"):
-                    grad_norm = grad_norm.full_tensor()
-                step_metrics["grad_norm"] = grad_norm.item()
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.lr_scheduler.step()
-            for name, value in step_metrics.items():
-                sums[name] = sums.get(name, 0.0) + value / num_minibatches
-        sums["lr"] = self.optimizer.param_groups[0]["lr"]
-        return sums
+    def _global_normalizer(self, minibatch: RolloutBatch) -> float:
+        """The loss's denominator for the whole mini-batch over all ranks (token count, sequence
+        count, ...), so that micro-batches and ranks add up to the mini-batch's loss."""
+        local = torch.as_tensor(
+            global_normalizer(self.loss_fn, minibatch.response_mask, group_ids=minibatch.group_ids), dtype=torch.float64
+        )
+        # token-sum has no denominator (1 on every rank): summing it would scale the loss.
+        return (local if self.loss_fn.normalizer_kind == "none" else self._all_reduce(local)).item()
+
+    def _all_ranks(self, condition: bool) -> bool:
+        return self._all_reduce(torch.tensor(float(condition)), op=dist.ReduceOp.MIN).item() > 0
+
+    def _reduce_metrics(self, metrics: MetricSums) -> dict[str, float]:
+        """`MetricSums.reduce` over ranks, on the union of every rank's metric names."""
+        if not self._distributed:
+            return metrics.reduce()
+        names: list[Optional[list[str]]] = [None] * self.world_size
+        dist.all_gather_object(names, metrics.names)
+        return metrics.reduce(self._all_reduce, names=sorted(set().union(*names)))
 
     def validate(self) -> dict[str, float]:
         if not self.val_prompts and not self._distributed:
@@ -434,14 +451,18 @@ class OnlineRLRecipe(FTRecipeInterface):
         bar = tqdm(total=cfg.max_steps, initial=self.global_step, desc=f"{cfg.loss}", disable=not self._is_rank_zero)
         while self.global_step < cfg.max_steps:
             t0 = time.perf_counter()
-            batch, metrics = self.rollout()
+            batch, rollout_metrics = self.rollout()
             t_rollout = time.perf_counter() - t0
+            step_metrics = MetricSums()
+            step_metrics.add_means(rollout_metrics)
             # Ranks update together or not at all (FSDP collectives): skip if any rank kept no group.
-            all_have_batch = self._all_reduce(torch.tensor(float(batch is not None)), op=dist.ReduceOp.MIN).item() > 0
+            all_have_batch = self._all_ranks(batch is not None)
             if batch is not None and not all_have_batch:
                 log.warning(f"step {self.global_step}: another rank kept no group after filtering; update skipped")
             if all_have_batch:
-                metrics.update(self.update_policy(batch))
+                step_metrics.merge(self.update_policy(batch))
+            metrics = self._reduce_metrics(step_metrics)
+            if all_have_batch:
                 metrics["tokens_per_second"] = batch.num_tokens * self.world_size / max(1e-9, time.perf_counter() - t0)
             self.global_step += 1
             self._sync_rollout_weights()
@@ -570,7 +591,7 @@ class OnlineRLRecipe(FTRecipeInterface):
             "trained_with": "polopt recipes/online_rl_distributed.py",
             "base_model": str(cfg.checkpointer.get("checkpoint_dir", cfg.get("model_dir"))),
             "loss": cfg.loss,
-            "loss_args": OmegaConf.to_container(cfg.loss_args.get(cfg.loss) or {}, resolve=True),
+            "loss_args": OmegaConf.to_container(cfg.loss_args.get(cfg.loss) or OmegaConf.create({}), resolve=True),
             "dataset": str(cfg.dataset.source),
             "steps": summary["steps"],
             "val_accuracy_before": summary["val_accuracy_before"],

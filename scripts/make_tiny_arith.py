@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO))
 
 from polopt.evaluation import evaluate_prompts  # noqa: E402
 from polopt.models import TINY_ARITH, tiny_arith  # noqa: E402
+from polopt.prompts import Prompt  # noqa: E402
 from polopt.rollout import NativeRolloutEngine, SamplingParams  # noqa: E402
 from polopt.tasks.arith import Problem, make_splits, sample_problem, write_solution  # noqa: E402
 from polopt.verify import MathVerifier  # noqa: E402
@@ -231,12 +232,12 @@ def evaluate(model, tokenizer, problems: list[Problem], k: int, max_new_tokens: 
              verifier: MathVerifier) -> dict:
     """avg@k and pass@k at temperature 1.0 through the recipe's own rollout engine and scoring."""
     engine = NativeRolloutEngine(model, tokenizer.pad_id, partial(tokenizer.decode, skip_special_tokens=True))
-    prompts = [{"prompt_ids": tokenizer.encode(p.question, add_bos=False, add_eos=False), "answer": p.answer}
+    prompts = [Prompt(text=p.question, token_ids=tokenizer.encode(p.question, add_bos=False, add_eos=False), answer=p.answer)
                for p in problems]
     params = SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens,
                             stop_token_ids=list(tokenizer.stop_tokens), seed=seed)
     result = evaluate_prompts(engine, verifier, prompts, k=k, params=params, batch_size=max(1, 512 // k))
-    return {**result, "example": problems[0].question + engine.generate([prompts[0]["prompt_ids"]], 1, params)[0][0].text}
+    return {**result, "example": problems[0].question + engine.generate([prompts[0].token_ids], 1, params)[0][0].text}
 
 
 # ----------------------------------------------------------------------------- main

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from polopt.batch import Completion, PromptGroup, RolloutBatch
+from polopt.batch import Completion, PromptGroup, RolloutBatch, scored_rewards
 
 
 @st.composite
@@ -20,7 +20,7 @@ def prompt_groups(draw) -> list[PromptGroup]:
             n = draw(st.integers(0, 7))
             completions.append(Completion(list(range(1, n + 1)), [-0.5] * n, truncated=draw(st.booleans())))
             rewards.append(float(draw(st.booleans())))
-        groups.append(PromptGroup(prompt, "1", completions, rewards=rewards))
+        groups.append(PromptGroup(prompt, "1", completions, rewards=scored_rewards(completions, rewards)))
     return groups
 
 
@@ -36,12 +36,12 @@ def test_collate_layout_and_group_statistics(groups):
         assert batch.input_ids[i, P : P + len(c.token_ids)].tolist() == c.token_ids
         assert int(batch.response_mask[i].sum()) == len(c.token_ids)
         assert int(batch.attention_mask[i].sum()) == len(g.prompt_ids) + len(c.token_ids)
-    # Truncated answers are wrong; r̂ is the mean of the group's rewards after that rule.
-    expected = [0.0 if c.truncated else r for g in groups for c, r in zip(g.completions, g.rewards)]
-    assert batch.rewards.tolist() == expected
+    # The groups' rewards are final (truncated answers already 0); r̂ is the mean of each group's.
+    assert batch.rewards.tolist() == [r for g in groups for r in g.rewards]
+    assert all(r == 0.0 for g in groups for c, r in zip(g.completions, g.rewards) if c.truncated)
     for gid in batch.group_ids.unique():
         rows_of_group = batch.group_ids == gid
-        assert torch.allclose(batch.correct_rate[rows_of_group], batch.rewards[rows_of_group].mean())
+        assert torch.equal(batch.correct_rate[rows_of_group], batch.rewards[rows_of_group].mean().expand(int(rows_of_group.sum())))
     assert batch.num_tokens == sum(len(c.token_ids) for _, c in rows)
 
 
@@ -74,9 +74,10 @@ def test_balanced_split_evens_out_tokens():
     assert sorted(balanced) == [60, 60]
 
 
-def test_collate_rejects_groups_without_rewards():
-    group = PromptGroup([1], "1", [Completion([2], [0.0], False)] * 2)
-    with pytest.raises(ValueError, match="reward"):
-        RolloutBatch.collate([group], pad_id=0)
+def test_groups_need_one_reward_per_answer():
+    with pytest.raises(ValueError, match="1 rewards for 2 completions"):
+        PromptGroup([1], "1", [Completion([2], [0.0], False)] * 2, rewards=[1.0])
+    with pytest.raises(ValueError, match="at least one completion"):
+        PromptGroup([1], "1", [], rewards=[])
     with pytest.raises(ValueError, match="logprobs"):
         Completion([1, 2], [0.0], False)

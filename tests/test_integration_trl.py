@@ -21,6 +21,7 @@ from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 import polopt.integrations.trl as polopt_trl  # noqa: E402
 from polopt.integrations.trl import PoloptGRPOTrainer, check_trl_version  # noqa: E402
+from polopt.losses import BUILTIN_LOSSES  # noqa: E402
 from polopt.testing.tiny_lm import tiny_qwen2_with_tokenizer  # noqa: E402
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -63,7 +64,7 @@ def trainer(tmp_path, cls=PoloptGRPOTrainer, reward=alternating_reward, args=Non
     )
 
 
-@pytest.mark.parametrize("loss", ["nft", "rft", "grpo", "dr_grpo", "dapo", "infonca"])
+@pytest.mark.parametrize("loss", BUILTIN_LOSSES)
 def test_each_loss_trains_two_steps(tmp_path, loss):
     # InfoNCA needs whole groups per micro-batch; the others run with accumulation and reuse.
     overrides = dict(steps_per_generation=1) if loss == "infonca" else dict(gradient_accumulation_steps=2, num_iterations=2)

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given
 from strategies import PolicyBatch, extreme_batches, loss_configs, policy_batches
 
-from polopt.losses import get_loss, group_correct_rate
+from polopt.losses import BUILTIN_LOSSES, get_loss, group_correct_rate
 
 
 def run(loss_fn, batch: PolicyBatch, dtype: torch.dtype = torch.float64, **kwargs):
@@ -94,7 +94,7 @@ def test_padding_is_ignored_even_when_it_holds_nan(batch, config):
     assert (grad[~batch.mask] == 0).all()
 
 
-@pytest.mark.parametrize("name", ["nft", "rft", "grpo", "dr_grpo", "dapo", "infonca"])
+@pytest.mark.parametrize("name", BUILTIN_LOSSES)
 def test_all_empty_mask_gives_zero_gradient(name):
     """No response tokens: zero gradient; token-level losses are 0, InfoNCA is log K (all h_k = 0)."""
     batch = PolicyBatch(

@@ -23,11 +23,11 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from strategies import PolicyBatch, loss_configs, policy_batches, splits, token_weights
 
-from polopt.losses import PolicyLoss, TokenLevelLoss, get_loss
+from polopt.losses import TOKEN_LEVEL_LOSSES, PolicyLoss, TokenLevelLoss, get_loss
 from polopt.losses import registry
 from polopt.testing.references import TIGHT, analytic_gradient, loss_and_grad, reference_loss, split_loss_and_grad
 
-TOKEN_LEVEL = ("nft", "rft", "grpo", "dr_grpo", "dapo")
+TOKEN_LEVEL = TOKEN_LEVEL_LOSSES
 
 
 class NegativeLogLikelihoodOfRightAnswers(TokenLevelLoss):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, strategies as st
 
-from polopt.prompts import PROMPT_TEMPLATES, ChatPrompt, PromptDataset, PromptStream, load_rows
+from polopt.prompts import PROMPT_TEMPLATES, ChatPrompt, Prompt, PromptDataset, PromptStream, load_rows
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TINY_ASSETS = Path(__file__).resolve().parents[1] / "assets" / "tiny_arith"
@@ -156,36 +156,36 @@ ROWS = [{"question": f"What is {i} + {i}?", "answer": str(2 * i), "source": f"me
 
 def test_templates_render_the_question(tokenizer):
     boxed = PromptDataset(ROWS, tokenizer, template="qwen_boxed")[3]
-    assert boxed["prompt"] == "What is 3 + 3?\nPlease reason step by step, and put your final answer within \\boxed{}."
-    dapo = PromptDataset(ROWS, tokenizer, template="dapo")[0]["prompt"]
+    assert boxed.text == "What is 3 + 3?\nPlease reason step by step, and put your final answer within \\boxed{}."
+    dapo = PromptDataset(ROWS, tokenizer, template="dapo")[0].text
     assert dapo.startswith("Solve the following math problem step by step.") and "\n\nWhat is 0 + 0?\n\n" in dapo
     assert dapo.endswith('Remember to put your answer on its own line after "Answer:".')
     custom = PromptDataset(ROWS, tokenizer, template="Q: {question} \\boxed{} A:")[1]
-    assert custom["prompt"] == "Q: What is 1 + 1? \\boxed{} A:"
-    assert custom["prompt_ids"] == tokenizer.encode(custom["prompt"], add_bos=True, add_eos=False)
-    assert custom["answer"] == "2" and custom["source"] == "mem:1"
+    assert custom.text == "Q: What is 1 + 1? \\boxed{} A:"
+    assert custom.token_ids == tokenizer.encode(custom.text, add_bos=True, add_eos=False)
+    assert custom.answer == "2" and custom.source == "mem:1"
     with pytest.raises(ValueError, match="{question}"):
         PromptDataset(ROWS, tokenizer, template="no placeholder here")
 
 
 def test_chat_template_is_the_user_turn_plus_an_open_assistant_turn(tokenizer):
     item = PromptDataset(ROWS, tokenizer, template="chat")[2]
-    assert item["prompt"] == "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n"
-    assert item["prompt_ids"][-1] != tokenizer.eos_id and item["prompt_ids"][0] == tokenizer.im_start_id
-    boxed = PromptDataset(ROWS, tokenizer, template=PROMPT_TEMPLATES["qwen_boxed_chat"])[0]["prompt"]
+    assert item.text == "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n"
+    assert item.token_ids[-1] != tokenizer.eos_id and item.token_ids[0] == tokenizer.im_start_id
+    boxed = PromptDataset(ROWS, tokenizer, template=PROMPT_TEMPLATES["qwen_boxed_chat"])[0].text
     assert "within \\boxed{}.<|im_end|>\n<|im_start|>assistant\n" in boxed
     assert isinstance(PROMPT_TEMPLATES["chat"], ChatPrompt)
 
 
 def test_prompts_never_end_with_eos(tokenizer):
     for template in PROMPT_TEMPLATES:
-        ids = PromptDataset(ROWS, tokenizer, template=template)[0]["prompt_ids"]
+        ids = PromptDataset(ROWS, tokenizer, template=template)[0].token_ids
         assert ids and ids[-1] != tokenizer.eos_id, template
 
 
 def test_too_long_prompts_drop_error_or_truncate(tokenizer, caplog):
     rows = ROWS[:3] + [{"question": "What is 1 + 1? " * 30, "answer": "2", "source": "mem:long"}]
-    limit = max(len(PromptDataset(ROWS[:3], tokenizer)[i]["prompt_ids"]) for i in range(3))
+    limit = max(len(PromptDataset(ROWS[:3], tokenizer)[i].token_ids) for i in range(3))
     with caplog.at_level(logging.WARNING, logger="polopt.prompts"):
         dropped = PromptDataset(rows, tokenizer, max_prompt_tokens=limit)
     assert len(dropped) == 3 and dropped.num_dropped == 1
@@ -193,8 +193,8 @@ def test_too_long_prompts_drop_error_or_truncate(tokenizer, caplog):
     with pytest.raises(ValueError, match=f"mem:long: prompt has .* tokens > max_prompt_tokens={limit}"):
         PromptDataset(rows, tokenizer, max_prompt_tokens=limit, on_too_long="error")
     truncated = PromptDataset(rows, tokenizer, max_prompt_tokens=limit, on_too_long="truncate_left")
-    full = PromptDataset(rows, tokenizer)[3]["prompt_ids"]
-    assert len(truncated) == 4 and truncated[3]["prompt_ids"] == full[-limit:]
+    full = PromptDataset(rows, tokenizer)[3].token_ids
+    assert len(truncated) == 4 and truncated[3].token_ids == full[-limit:]
     with pytest.raises(ValueError, match="all 1 prompts are longer"):
         PromptDataset(rows[3:], tokenizer, max_prompt_tokens=limit)
     with pytest.raises(ValueError, match="on_too_long"):
@@ -227,7 +227,7 @@ def test_stream_covers_each_epoch_once_and_reshuffles(tokenizer):
     assert _ids(PromptStream(_Indices(10), batch_size=4, seed=3).next_batch()) == seen[:4]
     assert _ids(PromptStream(_Indices(10), batch_size=10, shuffle=False).next_batch()) == list(range(10))
     real = PromptStream(PromptDataset(ROWS, tokenizer), batch_size=3).next_batch()
-    assert len(real) == 3 and set(real[0]) == {"prompt", "prompt_ids", "answer", "source"}
+    assert len(real) == 3 and all(isinstance(p, Prompt) and p.token_ids for p in real)
 
 
 def test_ranks_split_each_epoch_disjointly():

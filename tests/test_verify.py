@@ -250,8 +250,9 @@ def test_counters_reach_sampler_metrics_and_evaluation():
     and what evaluate_prompts returns (eval.json). The engine is a stand-in that returns fixed text."""
     from polopt.batch import Completion
     from polopt.evaluation import evaluate_prompts, merge_counts
-    from polopt.filtering import DynamicSampler
+    from polopt.prompts import Prompt
     from polopt.rollout import SamplingParams
+    from polopt.rollout.sampler import DynamicSampler
 
     texts = ["\\boxed{1}", "\\boxed{__import__('os')}", "\\boxed{2}", "The answer is 9**9**9**9"]
 
@@ -260,21 +261,21 @@ def test_counters_reach_sampler_metrics_and_evaluation():
             return [[Completion([5], [-0.1], truncated=False, text=t) for t in texts[:num_samples]] for _ in prompt_ids]
 
     class Stream:
-        def next_batch(self, n=None):
-            return [{"prompt": "q", "prompt_ids": [1], "answer": "1", "source": "t:1"}]
+        def next_batch(self):
+            return [Prompt(text="q", token_ids=[1], answer="1", source="t:1")]
 
     with MathVerifier(timeout_s=TIMEOUT_S, num_workers=2) as v:
         sampler = DynamicSampler(Stream(), FixedEngine(), v, num_prompts=1, num_samples=4,
-                                 sampling_params=SamplingParams(max_new_tokens=4), max_gen_batches=1)
+                                 params=SamplingParams(max_new_tokens=4), max_gen_batches=1)
         _, metrics = sampler.sample()
         assert metrics["verify/answers"] == 4 and metrics["verify/filtered_as_code"] == 1
         assert metrics["verify/timeouts"] == 1 and metrics["verify/worker_deaths"] == 0
-        scores = evaluate_prompts(FixedEngine(), v, [{"prompt_ids": [1], "answer": "2"}] * 2, k=3,
+        scores = evaluate_prompts(FixedEngine(), v, [Prompt(text="q", token_ids=[1], answer="2")] * 2, k=3,
                                   params=SamplingParams(max_new_tokens=4))
         assert scores["verify/answers"] == 6 and scores["verify/filtered_as_code"] == 2 and scores["verify/timeouts"] == 0
         assert scores["avg_at_k"] == pytest.approx(1 / 3)
         assert merge_counts([scores, scores])["verify/filtered_as_code"] == 4
-    custom = evaluate_prompts(FixedEngine(), lambda c, a: [0.0] * len(c), [{"prompt_ids": [1], "answer": "2"}], k=1,
+    custom = evaluate_prompts(FixedEngine(), lambda c, a: [0.0] * len(c), [Prompt(text="q", token_ids=[1], answer="2")], k=1,
                               params=SamplingParams(max_new_tokens=4))
     assert not any(name.startswith("verify/") for name in custom)  # a verifier without stats() adds nothing
 

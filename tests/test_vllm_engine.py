@@ -55,7 +55,7 @@ def tiny():
         special_tokens_path=str(ASSET / "special_tokens.json"), max_seq_len=256,
     )
     dataset = PromptDataset(load_rows(str(ASSET / "val.jsonl")), tokenizer)
-    prompts = [dataset[i]["prompt_ids"] for i in range(8)]
+    prompts = [dataset[i].token_ids for i in range(8)]
     model = load_trainer_model(ASSET)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     return tokenizer, prompts, model, state

@@ -24,7 +24,16 @@ from polopt.losses.dr_grpo import DrGRPOLoss
 from polopt.losses.dapo import DAPOLoss
 from polopt.losses.infonca import InfoNCALoss
 
+# The losses polopt ships, in the paper's order (the registrations above are their one source;
+# `list_losses()` also names losses a user registers later).
+BUILTIN_LOSSES = tuple(list_losses(registration_order=True))
+TOKEN_LEVEL_LOSSES = tuple(n for n in BUILTIN_LOSSES if issubclass(type(get_loss(n)), TokenLevelLoss))
+GRPO_FAMILY = tuple(n for n in BUILTIN_LOSSES if issubclass(type(get_loss(n)), GRPOLoss))
+
 __all__ = [
+    "BUILTIN_LOSSES",
+    "GRPO_FAMILY",
+    "TOKEN_LEVEL_LOSSES",
     "LOSS_AGG_MODES",
     "NORMALIZER_KINDS",
     "RATIO_LEVELS",

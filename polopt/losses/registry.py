@@ -26,8 +26,9 @@ def register_loss(name: str) -> Callable[[LossClass], LossClass]:
     return register
 
 
-def list_losses() -> list[str]:
-    return sorted(_REGISTRY)
+def list_losses(registration_order: bool = False) -> list[str]:
+    """Names of the registered losses, sorted (or in the order they were registered)."""
+    return list(_REGISTRY) if registration_order else sorted(_REGISTRY)
 
 
 def get_loss(name: str, **hparams) -> PolicyLoss:

@@ -11,6 +11,12 @@ One `generate` call, per chunk of prompts (N prompts × K samples = B rows):
               leave the batch (caches compacted); rows of a prompt that is still running go on
               decoding after their own stop token, their tokens discarded
 
+`shared_prefill=False` is the readable reference: torchtune's own KV caches and attention, nothing
+patched, one prefill per answer (N·K rows) and every row decoded until all have stopped — the
+same answers (same random draws), more work. The fast path keeps torchtune's `KVCache` objects but,
+for the duration of one `generate`, gives them the prefix-sharing behaviour below
+(`_prefix_shared_attention`); tests check that both paths return the same answers.
+
 Sampling uses the exponential-race form of a categorical draw, token = argmax(p / q) with
 q ~ Exp(1) of shape [B, V] per step from one `torch.Generator`, drawn for all B rows whether or not
 they still run, so each row's draws are the same with and without shared prefill and whatever the
@@ -98,11 +104,60 @@ class NativeRolloutEngine:
         self.model.eval()
         try:
             out: list[list[Completion]] = []
+            generate_chunk = self._generate_chunk if self.shared_prefill else self._generate_chunk_plain
             for start in range(0, len(prompt_ids), per_chunk):
-                out.extend(self._generate_chunk(prompt_ids[start : start + per_chunk], num_samples, params, generator))
+                out.extend(generate_chunk(prompt_ids[start : start + per_chunk], num_samples, params, generator))
             return out
         finally:
             self.model.train(was_training)
+
+    def _left_padded(self, prompt_ids: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+        P = max(len(p) for p in prompt_ids)
+        tokens = torch.full((len(prompt_ids), P), self.pad_id, dtype=torch.long, device=device)
+        prompt_mask = torch.zeros((len(prompt_ids), P), dtype=torch.bool, device=device)
+        for i, ids in enumerate(prompt_ids):
+            tokens[i, P - len(ids) :] = torch.tensor(ids, dtype=torch.long, device=device)
+            prompt_mask[i, P - len(ids) :] = True
+        return tokens, prompt_mask
+
+    def _generate_chunk_plain(
+        self,
+        prompt_ids: list[list[int]],
+        num_samples: int,
+        params: SamplingParams,
+        generator: Optional[torch.Generator],
+    ) -> list[list[Completion]]:
+        """torchtune's incremental decoding as its `generate` does it: caches for P + T positions,
+        the causal mask of the padding mask, one row per answer."""
+        model, K = self.model, num_samples
+        device = model.tok_embeddings.weight.device
+        tokens, prompt_mask = self._left_padded(prompt_ids, device)
+        tokens, prompt_mask = tokens.repeat_interleave(K, 0), prompt_mask.repeat_interleave(K, 0)
+        (B, P), T = tokens.shape, params.max_new_tokens
+        padding_mask = torch.cat([prompt_mask, torch.ones((B, T), dtype=torch.bool, device=device)], dim=1)
+        masks = get_causal_mask_from_padding_mask(padding_mask, target_seq_len=P + T)
+        input_pos = get_position_ids_from_padding_mask(padding_mask)
+        stop_ids = torch.tensor(params.stop_token_ids, dtype=torch.long, device=device)
+        out_tokens = torch.zeros((B, T), dtype=torch.long, device=device)
+        out_logprobs = torch.zeros((B, T), dtype=torch.float32, device=device)
+        lengths = torch.full((B,), T, dtype=torch.long, device=device)
+        stopped = torch.zeros(B, dtype=torch.bool, device=device)
+        model.setup_caches(batch_size=B, dtype=model.tok_embeddings.weight.dtype, decoder_max_seq_len=P + T)
+        try:
+            logits = model(tokens, input_pos=input_pos[:, :P], mask=masks[:, :P])[:, -1]
+            for t in range(T):
+                noise = _exponential_noise((B, logits.shape[-1]), device, generator)
+                token, logprob = sample_tokens(logits, params, noise=noise)
+                out_tokens[:, t], out_logprobs[:, t] = token, logprob
+                newly = torch.isin(token, stop_ids) & ~stopped
+                lengths[newly] = t + 1
+                stopped |= newly
+                if t == T - 1 or bool(stopped.all()):
+                    break
+                logits = model(token[:, None], input_pos=input_pos[:, P + t, None], mask=masks[:, P + t, None, :])[:, -1]
+        finally:
+            delete_kv_caches(model)
+        return self._completions(out_tokens, out_logprobs, lengths, stopped, len(prompt_ids), K)
 
     def _generate_chunk(
         self,
@@ -113,18 +168,11 @@ class NativeRolloutEngine:
     ) -> list[list[Completion]]:
         model, K = self.model, num_samples
         device = model.tok_embeddings.weight.device
-        N, P, T = len(prompt_ids), max(len(p) for p in prompt_ids), params.max_new_tokens
+        tokens, prompt_mask = self._left_padded(prompt_ids, device)
+        (N, P), T = tokens.shape, params.max_new_tokens
         B = N * K
-        tokens = torch.full((N, P), self.pad_id, dtype=torch.long, device=device)
-        prompt_mask = torch.zeros((N, P), dtype=torch.bool, device=device)
-        for i, ids in enumerate(prompt_ids):
-            tokens[i, P - len(ids) :] = torch.tensor(ids, dtype=torch.long, device=device)
-            prompt_mask[i, P - len(ids) :] = True
         row_lens = prompt_mask.sum(1).repeat_interleave(K)
-        # A "prefix" is one prefilled prompt and the `share` rows that decode from it.
-        share = K if self.shared_prefill else 1
-        if not self.shared_prefill:
-            tokens, prompt_mask = tokens.repeat_interleave(K, 0), prompt_mask.repeat_interleave(K, 0)
+        share = K  # a "prefix" is one prefilled prompt and the K rows that decode from it
         model.setup_caches(batch_size=tokens.shape[0], dtype=model.tok_embeddings.weight.dtype, decoder_max_seq_len=P)
         try:
             with _prefix_shared_attention(model) as caches:

@@ -36,15 +36,14 @@ from hypothesis import HealthCheck, Phase, find, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Flaky, NoSuchExample
 
-from polopt.losses import get_loss
+from polopt.losses import BUILTIN_LOSSES, GRPO_FAMILY, TOKEN_LEVEL_LOSSES, get_loss
 from polopt.losses.group_stats import group_correct_rate
 from polopt.losses.registry import hparam_names
 from polopt.testing.references import analytic_gradient, dpo_loss, loss_and_grad, reference_group_stats
 from polopt.testing.strategies import PolicyBatch, extreme_batches, policy_batches
 
-KINDS = ("grpo", "dr_grpo", "dapo", "nft", "rft", "infonca")
-GRPO_FAMILY = ("grpo", "dr_grpo", "dapo")
-TOKEN_LEVEL = ("nft", "rft", "grpo", "dr_grpo", "dapo")
+KINDS = BUILTIN_LOSSES
+TOKEN_LEVEL = TOKEN_LEVEL_LOSSES
 
 LossFunction = Callable[..., torch.Tensor]
 

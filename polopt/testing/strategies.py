@@ -17,11 +17,11 @@ from typing import Optional
 import torch
 from hypothesis import strategies as st
 
+from polopt.losses import BUILTIN_LOSSES, GRPO_FAMILY, TOKEN_LEVEL_LOSSES
 from polopt.losses.aggregation import LOSS_AGG_MODES
 from polopt.losses.group_stats import PROMPT_WEIGHTS
 from polopt.losses.ratios import RATIO_LEVELS
 
-TOKEN_LEVEL_LOSSES = ["nft", "rft", "grpo", "dr_grpo", "dapo"]
 
 
 @dataclass
@@ -138,7 +138,7 @@ def token_level_options(draw, name: str) -> dict:
 @st.composite
 def loss_configs(
     draw,
-    names: tuple[str, ...] = ("nft", "rft", "grpo", "dr_grpo", "dapo", "infonca"),
+    names: tuple[str, ...] = BUILTIN_LOSSES,
     options: Optional[bool] = None,
 ):
     """(name, hyperparameters) of any registered loss, over the valid ranges of its knobs; the
@@ -153,7 +153,7 @@ def loss_configs(
         )
     elif name == "rft":
         hparams = dict(loss_agg=draw(loss_aggs))
-    elif name in ("grpo", "dr_grpo", "dapo"):
+    elif name in GRPO_FAMILY:
         hparams = dict(clip_low=draw(clip_ranges), clip_high=draw(clip_ranges), loss_agg=draw(loss_aggs))
     else:
         hparams = dict(beta=draw(st.floats(0.01, 2.0)), sft_coef=draw(st.floats(0.0, 1.0)))

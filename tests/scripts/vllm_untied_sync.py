@@ -30,7 +30,7 @@ def main(model_dir: Path) -> None:
         special_tokens_path=str(model_dir / "special_tokens.json"), max_seq_len=256,
     )
     dataset = PromptDataset(load_rows(str(ASSET / "val.jsonl")), tokenizer)
-    prompts = [dataset[i]["prompt_ids"] for i in range(8)]
+    prompts = [dataset[i].token_ids for i in range(8)]
     trainer = load_trainer_model(model_dir, untied_tiny_arith)
     old = load_trainer_model(model_dir, untied_tiny_arith)
     engine = VLLMRolloutEngine(str(model_dir), seed=0, **ENGINE_KWARGS)

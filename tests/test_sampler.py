@@ -1,4 +1,4 @@
-"""DynamicSampler: the filter logic over random reward patterns (a scripted engine and verifier
+"""DynamicSampler (polopt.rollout.sampler): the filter logic over random reward patterns (a scripted engine and verifier
 defined here), then once end to end with the real native engine and MathVerifier."""
 
 from __future__ import annotations
@@ -11,25 +11,26 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from polopt.batch import Completion, RolloutBatch
-from polopt.filtering import DynamicSampler, scored_rewards
+from polopt.batch import Completion, RolloutBatch, scored_rewards
+from polopt.prompts import Prompt
 from polopt.rollout import SamplingParams
+from polopt.rollout.sampler import DynamicSampler
 
 torch.set_num_threads(1)
 
 
 class ScriptedStream:
-    """Stand-in for polopt.prompts.PromptStream: `next_batch(n=None)` hands out the scripted
-    batches in order (prompt ids are [index])."""
+    """Stand-in for polopt.prompts.PromptStream: `next_batch()` hands out the scripted batches in
+    order (prompt ids are [index]); the batch size is the script's."""
 
     def __init__(self, batches):
         self.batches = list(batches)
-        self.calls = []
+        self.calls = 0
 
-    def next_batch(self, n=None):
-        self.calls.append(n)
+    def next_batch(self):
+        self.calls += 1
         batch = self.batches.pop(0)
-        return [{"prompt": f"q{p}", "prompt_ids": [p], "answer": "right", "source": "script"} for p in batch]
+        return [Prompt(text=f"q{p}", token_ids=[p], answer="right", source="script") for p in batch]
 
 
 class ScriptedEngine:
@@ -51,7 +52,7 @@ class ScriptedEngine:
 
 
 class WarningRecorder(logging.Handler):
-    """Collects polopt.filtering warnings (caplog is function-scoped, which hypothesis rejects)."""
+    """Collects polopt.rollout.sampler warnings (caplog is function-scoped, which hypothesis rejects)."""
 
     def __init__(self):
         super().__init__(logging.WARNING)
@@ -61,10 +62,10 @@ class WarningRecorder(logging.Handler):
         self.records.append(record)
 
     def __enter__(self):
-        logging.getLogger("polopt.filtering").addHandler(self)
+        logging.getLogger("polopt.rollout.sampler").addHandler(self)
 
     def __exit__(self, *exc):
-        logging.getLogger("polopt.filtering").removeHandler(self)
+        logging.getLogger("polopt.rollout.sampler").removeHandler(self)
 
 
 def exact_verifier(texts, answers):
@@ -116,18 +117,16 @@ def test_selection_metrics_and_seeds_follow_the_specification(s):
     stream = ScriptedStream(s["batches"])
     sampler = DynamicSampler(
         stream, engine, exact_verifier, num_prompts=s["num_prompts"], num_samples=s["K"],
-        sampling_params=SamplingParams(), gen_batch_size=s["batch_size"],
-        max_gen_batches=s["max_gen_batches"], filter_groups=s["filter_groups"],
+        params=SamplingParams(), max_gen_batches=s["max_gen_batches"], filter_groups=s["filter_groups"],
     )
-    sampler.sampling_params = SamplingParams(seed=s["seed"])  # the recipe reassigns it per step
     warnings = WarningRecorder()
     with warnings:
-        groups, metrics = sampler.sample()
+        groups, metrics = sampler.sample(seed=s["seed"])
     kept, drawn, batches = expected_selection(s)
 
     assert [g.prompt_ids[0] for g in groups] == kept
     assert len(groups) <= s["num_prompts"]
-    assert stream.calls == [s["batch_size"]] * batches
+    assert stream.calls == batches
     assert engine.seeds == ([None] * batches if s["seed"] is None else [s["seed"] + i for i in range(batches)])
     rewards_by_prompt = {p: r for p, r, _ in drawn}
     for g in groups:
@@ -161,11 +160,22 @@ def test_scored_rewards_zeroes_truncated_and_checks_lengths():
         scored_rewards([done], [1.0, 0.0])
 
 
-def test_without_gen_batch_size_the_stream_decides():
+def test_the_stream_sets_the_generation_batch():
     stream = ScriptedStream([[0, 1, 2]])
     engine = ScriptedEngine({p: [(True, False), (False, False)] for p in range(3)})
-    groups, _ = DynamicSampler(stream, engine, exact_verifier, num_prompts=2, num_samples=2, sampling_params=SamplingParams()).sample()
-    assert stream.calls == [None] and [g.prompt_ids for g in groups] == [[0], [1]]
+    groups, _ = DynamicSampler(stream, engine, exact_verifier, num_prompts=2, num_samples=2, params=SamplingParams()).sample()
+    assert stream.calls == 1 and [g.prompt_ids for g in groups] == [[0], [1]]
+
+
+def test_sampling_params_are_not_changed_by_sampling():
+    # The step's seed is an argument: the sampler's own params stay as constructed.
+    params = SamplingParams(max_new_tokens=3)
+    engine = ScriptedEngine({p: [(True, False), (False, False)] for p in range(4)})
+    sampler = DynamicSampler(ScriptedStream([[0], [1], [2], [3]]), engine, exact_verifier, num_prompts=1,
+                             num_samples=2, params=params)
+    sampler.sample(seed=5)
+    sampler.sample(seed=9)
+    assert sampler.params is params and params.seed is None and engine.seeds == [5, 9]
 
 
 @pytest.mark.parametrize(
@@ -174,26 +184,26 @@ def test_without_gen_batch_size_the_stream_decides():
         (dict(num_prompts=0), "num_prompts"),
         (dict(num_samples=1.5), "num_samples"),
         (dict(max_gen_batches=0), "max_gen_batches"),
-        (dict(gen_batch_size=0), "gen_batch_size"),
+        (dict(params={"seed": 0}), "SamplingParams"),
     ],
 )
 def test_bad_configuration(kwargs, match):
-    args = dict(num_prompts=2, num_samples=2, sampling_params=SamplingParams()) | kwargs
-    with pytest.raises(ValueError, match=match):
+    args = dict(num_prompts=2, num_samples=2, params=SamplingParams()) | kwargs
+    with pytest.raises((ValueError, TypeError), match=match):
         DynamicSampler(ScriptedStream([]), ScriptedEngine({}), exact_verifier, **args)
 
 
 def test_bad_prompts_and_verifier_outputs_are_named():
-    class NoAnswer(ScriptedStream):
-        def next_batch(self, n=None):
-            return [{"prompt_ids": [0], "answer": "right"}, {"prompt_ids": [1]}]
+    class DictPrompts(ScriptedStream):
+        def next_batch(self):
+            return [Prompt(text="", token_ids=[0], answer="right"), {"prompt_ids": [1]}]
 
     engine = ScriptedEngine({0: [(True, False)], 1: [(False, False)]})
-    sampler = DynamicSampler(NoAnswer([]), engine, exact_verifier, num_prompts=2, num_samples=1, sampling_params=SamplingParams())
-    with pytest.raises(KeyError, match=r"prompt 1 .*\['answer'\]"):
+    sampler = DynamicSampler(DictPrompts([]), engine, exact_verifier, num_prompts=2, num_samples=1, params=SamplingParams())
+    with pytest.raises(TypeError, match=r"prompt 1 of the batch is a dict"):
         sampler.sample()
     for verifier, match in [(lambda t, a: [1.0], "1 rewards for 2 completions"), (lambda t, a: [2.0, 0.0], "outside")]:
-        sampler = DynamicSampler(ScriptedStream([[0, 1]]), engine, verifier, num_prompts=2, num_samples=1, sampling_params=SamplingParams())
+        sampler = DynamicSampler(ScriptedStream([[0, 1]]), engine, verifier, num_prompts=2, num_samples=1, params=SamplingParams())
         with pytest.raises((RuntimeError, ValueError), match=match):
             sampler.sample()
 
@@ -213,19 +223,19 @@ def test_real_native_engine_and_math_verifier():
         def __init__(self):
             self.next_id = 10
 
-        def next_batch(self, n=None):
+        def next_batch(self):
             batch = []
-            for _ in range(n or 4):
-                batch.append({"prompt": "", "prompt_ids": [self.next_id, self.next_id + 1], "answer": "1", "source": "t"})
+            for _ in range(4):
+                batch.append(Prompt(text="", token_ids=[self.next_id, self.next_id + 1], answer="1", source="t"))
                 self.next_id += 2
             return batch
 
     with MathVerifier(timeout_s=10.0, num_workers=1) as verifier:
         sampler = DynamicSampler(
             Stream(), engine, verifier, num_prompts=3, num_samples=4,
-            sampling_params=SamplingParams(max_new_tokens=6, stop_token_ids=STOP_IDS, seed=0), max_gen_batches=3,
+            params=SamplingParams(max_new_tokens=6, stop_token_ids=STOP_IDS), max_gen_batches=3,
         )
-        groups, metrics = sampler.sample()
+        groups, metrics = sampler.sample(seed=0)
         assert 1 <= len(groups) <= 3 and metrics["rollout/num_groups"] == len(groups)
         for g in groups:
             assert 0 < g.correct_rate < 1
