@@ -362,6 +362,26 @@ class PromptDataset(torch.utils.data.Dataset):
         )
 
 
+def prompt_dataset(
+    tokenizer,
+    source: str,
+    *,
+    split: str = "train",
+    question_field: str = "question",
+    answer_field: str = "answer",
+    template: str | ChatPrompt = "{question}",
+    max_prompt_tokens: Optional[int] = None,
+    on_too_long: str = "drop",
+    config_section: str = "dataset",
+) -> PromptDataset:
+    """The recipe's `dataset._component_`: `load_rows(source, ...)` as a `PromptDataset` (see both
+    for the arguments). `config_section` is the config key the errors name."""
+    rows = load_rows(source, split=split, question_field=question_field, answer_field=answer_field,
+                     config_section=config_section)
+    return PromptDataset(rows, tokenizer, template=template, max_prompt_tokens=max_prompt_tokens,
+                         on_too_long=on_too_long, config_section=config_section)
+
+
 # --------------------------------------------------------------------------- stream
 def _as_list(items: list[Prompt]) -> list[Prompt]:
     return items

@@ -3,9 +3,10 @@
 `validate_config` (recipes/online_rl_distributed.py) and `validate_eval_config`
 (recipes/evaluate.py): a typo in a config file or on the command line (`rollout.temprature=0.7`,
 `loss_args.nfft.epsilon=0.5`, `max_new_token=8`) is an error naming the key and listing the valid
-ones, not a silently ignored setting. Sections holding a `_component_` (model, tokenizer,
-checkpointer, optimizer, lr_scheduler, verifier, metric_logger, rollout.engine) are passed to
-`torchtune.config.instantiate` and checked by the component's own constructor instead.
+ones, not a silently ignored setting. Sections holding a `_component_` (dataset, model,
+tokenizer, checkpointer, optimizer, lr_scheduler, verifier, metric_logger, rollout.engine) are
+passed to `torchtune.config.instantiate`: the constructor is their schema (a key it does not take is
+rejected here, by name; values are checked by the constructor itself).
 
 User errors, config or data, are `UserError`s: the recipes print them as one line (`error: ...`,
 with the config file and line of the key when it is in the file) and exit with status 2; anything
@@ -16,12 +17,14 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import re
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from torchtune.config._utils import _get_component_from_path
 
 from polopt.errors import ConfigError, UserError  # noqa: F401 - re-exported: the recipes raise ConfigError
 from polopt.prompts import TOO_LONG_POLICIES
@@ -72,24 +75,15 @@ SCHEMA: dict[str, Any] = {
     "max_nan_steps": (int, 3),
     "log_every_n_steps": (int, 1),
     "save_final_model": (bool, True),
-    "dataset": (dict, None),
+    "dataset": ("component", None),  # polopt.prompts.prompt_dataset: its arguments are the keys
+    "shuffle": (bool, True),
     "rollout": (dict, None),
     "filter": (dict, {}),
     "validation": (dict, {}),
-    "rollout_correction": (dict, {}),
+    "rollout_correction": ("component", {"_component_": "polopt.rollout.correction.RolloutCorrection"}),
 }
 
 SECTIONS: dict[str, dict[str, Any]] = {
-    "dataset": {
-        "source": (str, None),
-        "split": (str, "train"),
-        "question_field": (str, "question"),
-        "answer_field": (str, "answer"),
-        "template": (str, "{question}"),
-        "max_prompt_tokens": (_OPTIONAL_INT, None),
-        "on_too_long": (str, "drop"),
-        "shuffle": (bool, True),
-    },
     "rollout": {
         "engine": ("component", None),
         "num_prompts": (int, None),
@@ -119,14 +113,6 @@ SECTIONS: dict[str, dict[str, Any]] = {
         "max_prompt_tokens": (_OPTIONAL_INT, None),
         "on_too_long": (str, "drop"),
         "batch_size": (int, 64),
-    },
-    # polopt.rollout.correction.RolloutCorrection, which checks the values
-    "rollout_correction": {
-        "enabled": (bool, False),
-        "level": (str, "token"),
-        "mode": (str, "truncate"),
-        "cap": (_NUMBER, 3.0),
-        "min_ratio": (_OPTIONAL_NUMBER, None),
     },
 }
 
@@ -171,6 +157,7 @@ def _check(value: Any, types, where: str) -> None:
     if types == "component":
         if not isinstance(value, (dict, DictConfig)) or "_component_" not in value:
             raise ConfigError(f"config key '{where}' must be a section with a '_component_' entry, got {value!r}", where)
+        _check_component_keys(value, where)
         return
     if types is dict:
         if not isinstance(value, (dict, DictConfig)):
@@ -187,6 +174,28 @@ def _check(value: Any, types, where: str) -> None:
         raise ConfigError(f"config key '{where}' must be {names}, got {value!r} ({type(value).__name__})", where)
 
 
+def _check_component_keys(section, where: str) -> None:
+    """A `_component_` section's keys are its constructor's arguments: reject any other by name
+    (unless the constructor takes **kwargs)."""
+    path = section["_component_"]
+    try:
+        target = _get_component_from_path(path)
+    except Exception as e:  # noqa: BLE001 - any import failure is the config's to fix
+        raise ConfigError(f"config key '{where}._component_': cannot import {path!r} ({e})", f"{where}._component_") from e
+    try:
+        params = list(inspect.signature(target).parameters.values())
+    except (TypeError, ValueError):  # builtins without a signature: nothing to check against
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    valid = [p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    for key in section:
+        if key != "_component_" and key not in valid:
+            raise ConfigError(
+                f"unknown config key '{where}.{key}' for {path}; valid keys here: {', '.join(valid)}", f"{where}.{key}"
+            )
+
+
 def _validate_section(cfg: DictConfig, schema: dict[str, Any], prefix: str) -> None:
     for key in cfg.keys():
         if key not in schema:
@@ -194,6 +203,10 @@ def _validate_section(cfg: DictConfig, schema: dict[str, Any], prefix: str) -> N
                 f"unknown config key '{prefix}{key}'; valid keys here: {', '.join(sorted(schema))}", f"{prefix}{key}"
             )
     for key, (types, default) in schema.items():
+        if types == "component" and isinstance(default, dict) and isinstance(cfg.get(key), (dict, DictConfig)) \
+                and "_component_" not in cfg[key]:
+            # `lr_scheduler.num_warmup_steps=5` on a config without the section: the default component
+            cfg[key]["_component_"] = default["_component_"]
         if key not in cfg or cfg[key] is None:
             if default is None and types not in (_OPTIONAL_INT, _OPTIONAL_STR) and not (
                 isinstance(types, tuple) and type(None) in types
@@ -241,9 +254,10 @@ def validate_config(cfg: DictConfig) -> DictConfig:
         raise ConfigError("config key 'rollout.num_samples' must be >= 2: group statistics need K >= 2 answers",
                           "rollout.num_samples")
     for section in ("dataset", "validation"):
-        if cfg[section].on_too_long not in TOO_LONG_POLICIES:
+        on_too_long = cfg[section].get("on_too_long", "drop")
+        if on_too_long not in TOO_LONG_POLICIES:
             raise ConfigError(f"config key '{section}.on_too_long' must be one of {', '.join(TOO_LONG_POLICIES)}, "
-                              f"got {cfg[section].on_too_long!r}", f"{section}.on_too_long")
+                              f"got {on_too_long!r}", f"{section}.on_too_long")
     import_loss_modules(cfg.loss_modules)
     _check_loss_args(cfg)
     return cfg
@@ -363,6 +377,7 @@ RESUME_FIXED_KEYS = (
     "model",
     "optimizer",
     "dataset",
+    "shuffle",
     "rollout.num_prompts",
     "rollout.num_samples",
     "rollout.temperature",

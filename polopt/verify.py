@@ -38,6 +38,13 @@ forked or re-imported) under a soft in-worker timer and a hard deadline: a worke
 way; the batch always returns. `MathVerifier.stats()` counts timeouts, worker deaths and answers
 filtered as code; training and evaluation log them (`verification_counts`).
 
+Plain integers are decided in the parent, without a worker round-trip: when the gold answer is a
+plain integer (``0``, ``-12``, ``1325``; no sign on 0, no leading zeros) and, in ``boxed`` format, the
+completion ends with its last box holding one (``... \\boxed{1325}`` and nothing after it but spaces
+and full stops), the verdict is whether the two integers are equal — which is what math-verify
+decides for them (a property test checks it against math-verify). Everything else goes to the
+workers. ``fast_integer_match=False`` sends every answer to math-verify.
+
 Custom verifiers plug in through the recipe config (``verifier._component_``): any callable
 ``(completions: list[str], answers: list[str]) -> list[float]`` works.
 """
@@ -178,6 +185,21 @@ def _extraction_targets():
     from math_verify import ExprExtractionConfig, LatexExtractionConfig
 
     return (LatexExtractionConfig(), ExprExtractionConfig())
+
+
+_PLAIN_INTEGER = re.compile(r"0|-?[1-9][0-9]{0,30}")
+_BOXED_INTEGER_AT_END = re.compile(r"\\boxed\{\s*(0|-?[1-9][0-9]{0,30})\s*\}[\s.]*")
+
+
+def integer_verdict(completion: str, answer: str, answer_format: str, max_completion_chars: int) -> Optional[float]:
+    """1.0 / 0.0 when both the gold answer and the completion's final boxed answer are plain
+    integers (the completion ending with that box), else None (math-verify decides). Only linear
+    scans of the text: safe to run in the trainer's process."""
+    if answer_format != "boxed" or not _PLAIN_INTEGER.fullmatch(answer.strip()):
+        return None
+    text = from_last_box(completion[-max_completion_chars:])
+    match = _BOXED_INTEGER_AT_END.fullmatch(text) if text is not None else None
+    return None if match is None else float(match.group(1) == answer.strip())
 
 
 def _parse(text: str, timeout: Optional[int]) -> list:
@@ -391,6 +413,8 @@ class MathVerifier:
         max_completion_chars: completions are cut to this many trailing characters before parsing.
         answer_format: "boxed" or "answer_line" (DAPO's "Answer: X").
         memory_limit_mb: address-space cap per worker (a runaway parse fails instead of swapping).
+        fast_integer_match: decide plain-integer answers in this process (`integer_verdict`)
+            instead of in a worker; the verdicts are math-verify's either way.
 
     The pool starts on the first call and lives until `close()` (or the end of a ``with`` block);
     the object pickles as its config, without the pool.
@@ -411,6 +435,7 @@ class MathVerifier:
         max_completion_chars: int = 4000,
         answer_format: str = "boxed",
         memory_limit_mb: Optional[int] = 4096,
+        fast_integer_match: bool = True,
     ):
         if not timeout_s > 0:
             raise ValueError(f"MathVerifier: timeout_s must be > 0, got {timeout_s!r}")
@@ -425,6 +450,7 @@ class MathVerifier:
         self.max_completion_chars = max_completion_chars
         self.answer_format = answer_format
         self.memory_limit_mb = memory_limit_mb
+        self.fast_integer_match = fast_integer_match
         self._workers: list[_Worker] = []
         self._failed_starts = 0
         self.num_verified = 0
@@ -484,7 +510,17 @@ class MathVerifier:
             return []
         self.num_verified += len(completions)
         scores = [0.0] * len(completions)
-        pending = deque(range(len(completions)))
+        pending = deque()
+        for i, (completion, answer) in enumerate(zip(completions, answers)):
+            verdict = None
+            if self.fast_integer_match:
+                verdict = integer_verdict(str(completion), str(answer), self.answer_format, self.max_completion_chars)
+            if verdict is None:
+                pending.append(i)
+            else:
+                scores[i] = verdict
+        if not pending:
+            return scores
         while len(self._workers) < self.num_workers:
             self._workers.append(_Worker(self.memory_limit_mb))
         selector = selectors.DefaultSelector()

@@ -58,7 +58,7 @@ from polopt.evaluation import evaluate_prompts, merge_counts
 from polopt.losses import get_loss, global_normalizer
 from polopt.metrics import MetricSums
 from polopt.policy import response_logprobs
-from polopt.prompts import PromptDataset, PromptStream, load_rows
+from polopt.prompts import PromptStream, prompt_dataset
 from polopt.recipe_config import ConfigError, describe_user_error, resume_config_changes, validate_config
 from polopt.rollout import SamplingParams
 from polopt.rollout.correction import RolloutCorrection
@@ -255,22 +255,16 @@ class OnlineRLRecipe(FTRecipeInterface):
         return config.instantiate(engine_cfg, model=rollout_model, pad_id=self.tokenizer.pad_id, decode=decode)
 
     def _setup_prompts(self, cfg: DictConfig) -> PromptStream:
-        d = cfg.dataset
-        dataset = PromptDataset(
-            load_rows(d.source, split=d.split, question_field=d.question_field, answer_field=d.answer_field,
-                      config_section="dataset"),
-            self.tokenizer,
-            template=d.template,
-            max_prompt_tokens=d.max_prompt_tokens,
-            on_too_long=d.on_too_long,
-            config_section="dataset",
-        )
+        try:
+            dataset = config.instantiate(cfg.dataset, self.tokenizer)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"dataset: {e}", "dataset") from e
         dataset.check_fits(cfg.rollout.max_new_tokens, self.model.max_seq_len, max_new_tokens_key="rollout.max_new_tokens")
         return PromptStream(
             dataset,
             batch_size=_per_rank(cfg.filter.gen_batch_size or cfg.rollout.num_prompts, self.world_size),
             seed=cfg.seed,
-            shuffle=d.shuffle,
+            shuffle=cfg.shuffle,
             num_replicas=self.world_size,
             rank=self.rank,
         )
@@ -281,14 +275,10 @@ class OnlineRLRecipe(FTRecipeInterface):
         v = cfg.validation
         if not v.source:
             return []
-        dataset = PromptDataset(
-            load_rows(v.source, split=v.split, question_field=v.question_field, answer_field=v.answer_field,
-                      config_section="validation"),
-            self.tokenizer,
-            template=v.template or cfg.dataset.template,
-            max_prompt_tokens=v.max_prompt_tokens,
-            on_too_long=v.on_too_long,
-            config_section="validation",
+        dataset = prompt_dataset(
+            self.tokenizer, v.source, split=v.split, question_field=v.question_field, answer_field=v.answer_field,
+            template=v.template or cfg.dataset.get("template", "{question}"), max_prompt_tokens=v.max_prompt_tokens,
+            on_too_long=v.on_too_long, config_section="validation",
         )
         max_new_tokens_key = "validation.max_new_tokens" if v.max_new_tokens else "rollout.max_new_tokens"
         dataset.check_fits(v.max_new_tokens or cfg.rollout.max_new_tokens, self.model.max_seq_len,
@@ -613,9 +603,8 @@ class OnlineRLRecipe(FTRecipeInterface):
 
 
 def _setup_rollout_correction(cfg: DictConfig) -> RolloutCorrection:
-    section = OmegaConf.to_container(cfg.rollout_correction, resolve=True)
     try:
-        correction = RolloutCorrection(**section)
+        correction = config.instantiate(cfg.rollout_correction)
     except ValueError as e:
         raise ConfigError(str(e)) from e
     if correction.enabled and not cfg.recompute_old_logprobs:

@@ -274,6 +274,13 @@ TRAIN_ERRORS = {
     "loss_args key typo": (["loss_args.grpo.clip_hihg=0.3"], ["'loss_args.grpo.clip_hihg'", "clip_high"]),
     "unknown loss": (["loss=reinforce_baseline"], ["reinforce_baseline", "loss_modules"]),
     "unimportable loss module": (["loss_modules=[no_such_losses]"], ["loss_modules[0]", "no_such_losses"]),
+    "component key typo (dataset)": (["dataset.sorce=x.jsonl"],
+                                     ["unknown config key 'dataset.sorce'", "polopt.prompts.prompt_dataset", "source"]),
+    "component key typo (optimizer)": (["optimizer.lrr=0.1"], ["unknown config key 'optimizer.lrr'", "lr"]),
+    "component key typo (lr_scheduler)": (["lr_scheduler.num_warmup=3"],
+                                          ["unknown config key 'lr_scheduler.num_warmup'", "num_warmup_steps"]),
+    "unimportable component": (["verifier._component_=polopt.verify.NoSuchVerifier"],
+                               ["verifier._component_", "polopt.verify.NoSuchVerifier"]),
 }
 
 

@@ -166,12 +166,15 @@ def test_every_config_instantiates_its_components_with_a_tiny_stand_in(tmp_path)
         for name, kwargs in cfg.loss_args.items():
             get_loss(name, **OmegaConf.to_container(kwargs))
         # Each component path resolves to something callable.
-        for key in ("model", "tokenizer", "checkpointer", "optimizer", "verifier", "metric_logger"):
+        for key in ("dataset", "model", "tokenizer", "checkpointer", "optimizer", "lr_scheduler", "verifier",
+                    "metric_logger", "rollout_correction"):
             assert callable(tt_config._utils._get_component_from_path(cfg[key]._component_)), (path.name, key)
         assert callable(tt_config._utils._get_component_from_path(cfg.rollout.engine._component_))
-        # The optimiser section builds on a tiny stand-in model.
+        # The optimiser and LR schedule sections build on a tiny stand-in model.
         stand_in = torch.nn.Linear(4, 4)
-        tt_config.instantiate(cfg.optimizer, stand_in.parameters())
+        optimizer = tt_config.instantiate(cfg.optimizer, stand_in.parameters())
+        tt_config.instantiate(cfg.lr_scheduler, optimizer, num_training_steps=cfg.max_steps)
+        tt_config.instantiate(cfg.rollout_correction)
 
 
 @pytest.mark.slow

@@ -175,7 +175,7 @@ def test_megabyte_string_is_parsed_whole_when_asked_and_still_bounded(tmp_path):
 
 def test_a_worker_stuck_past_the_timeout_is_killed_and_replaced(caplog):
     """With the cooperative timer pushed out, only the hard kill can end the power tower."""
-    with MathVerifier(timeout_s=TIMEOUT_S, num_workers=1) as v:
+    with MathVerifier(timeout_s=TIMEOUT_S, num_workers=1, fast_integer_match=False) as v:
         v.soft_timeout_fraction = 50.0
         v(["\\boxed{1}"], ["1"])
         pid = v._workers[0].proc.pid
@@ -189,7 +189,7 @@ def test_a_worker_stuck_past_the_timeout_is_killed_and_replaced(caplog):
 
 
 def test_a_worker_that_dies_is_replaced_and_the_batch_survives(caplog):
-    with MathVerifier(timeout_s=TIMEOUT_S, num_workers=2) as v:
+    with MathVerifier(timeout_s=TIMEOUT_S, num_workers=2, fast_integer_match=False) as v:
         v(["\\boxed{1}"], ["1"])
         for worker in v._workers:
             os.kill(worker.proc.pid, 9)  # processes this test started
@@ -223,7 +223,7 @@ def test_workers_import_this_polopt_whatever_the_working_directory(tmp_path, mon
     (impostor / "__init__.py").write_text("")
     (impostor / "verify.py").write_text("def _worker_main():\n    print('{\"ready\": true}')\n    for _ in iter(input, None):\n        print('{\"score\": 1.0}')\n")
     monkeypatch.chdir(tmp_path)
-    with MathVerifier(timeout_s=TIMEOUT_S, num_workers=1) as v:
+    with MathVerifier(timeout_s=TIMEOUT_S, num_workers=1, fast_integer_match=False) as v:
         assert v(["\\boxed{2}"], ["3"]) == [0.0]
 
 
@@ -298,3 +298,40 @@ def test_verifiers_are_config_components():
     assert isinstance(built, MathVerifier) and built.timeout_s == 2.0
     custom = config.instantiate(OmegaConf.create({"_component_": f"{__name__}.ExactMatchVerifier", "strip": True}))
     assert custom([" 7 ", "8"], ["7", "9"]) == [1.0, 0.0]
+
+
+# --------------------------------------------------------------------------- plain integers without a worker
+integers = st.one_of(st.integers(-10**6, 10**6), st.integers(-10**30, 10**30)).map(str)
+box_endings = st.sampled_from(["", ".", " ", "\n", " .", " so", " The final answer is $6$.", "}"])
+box_spellings = st.sampled_from(["\\boxed{{{}}}", "\\boxed{{ {} }}", "\\fbox{{{}}}", "\\boxed {}"])
+
+
+@given(
+    gold=st.one_of(integers, st.sampled_from(["007", "-0", "+5", "1,000", "12.0", "1/2"])),
+    pred=st.one_of(integers, st.sampled_from(["007", "-0", "+5", "1,000", "12.0", "x"])),
+    lead=st.sampled_from(["", "4+4=8,", "The answer is ", "\\boxed{3} no: "]),
+    box=box_spellings,
+    ending=box_endings,
+    same=st.booleans(),
+)
+def test_integer_fast_path_agrees_with_math_verify(gold, pred, lead, box, ending, same):
+    """Wherever `integer_verdict` decides, math-verify (in-process, `score_one`) decides the same."""
+    from polopt.verify import integer_verdict, score_one
+
+    pred = gold if same else pred
+    completion = lead + box.format(pred) + ending
+    verdict = integer_verdict(completion, gold, "boxed", 4000)
+    if verdict is not None:
+        assert verdict == score_one(completion, gold)
+
+
+def test_integer_fast_path_decides_the_tiny_task_and_skips_the_workers():
+    """The tiny task's completions end in a boxed integer: scored without starting a worker,
+    the same as with every answer sent to math-verify."""
+    completions = [" 4+4=8,6+9=15,9+4+1=14,\\boxed{1458}", "\\boxed{1457}", "\\boxed{1458} wait, \\boxed{x}"]
+    answers = ["1458"] * 3
+    with MathVerifier(timeout_s=5.0, num_workers=1) as fast, MathVerifier(timeout_s=5.0, num_workers=1,
+                                                                         fast_integer_match=False) as slow:
+        assert fast(completions[:2], answers[:2]) == [1.0, 0.0] and fast._workers == []
+        assert fast(completions, answers) == slow(completions, answers) == [1.0, 0.0, 0.0]
+        assert fast.stats()["verify/answers"] == 5 and len(fast._workers) == 1
