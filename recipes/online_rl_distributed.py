@@ -440,7 +440,7 @@ class OnlineRLRecipe(FTRecipeInterface):
             self._record(0, self.validate())
         bar = tqdm(total=cfg.max_steps, initial=self.global_step, desc=f"{cfg.loss}", disable=not self._is_rank_zero)
         while self.global_step < cfg.max_steps:
-            t0 = time.perf_counter()
+            t0, t0_cpu = time.perf_counter(), time.process_time()
             batch, rollout_metrics = self.rollout()
             t_rollout = time.perf_counter() - t0
             step_metrics = MetricSums()
@@ -458,6 +458,7 @@ class OnlineRLRecipe(FTRecipeInterface):
             self._sync_rollout_weights()
             metrics["time/rollout_s"] = t_rollout
             metrics["time/step_s"] = time.perf_counter() - t0
+            metrics["time/step_cpu_s"] = time.process_time() - t0_cpu  # this process's threads, not the neighbours'
             every = cfg.validation.every_n_steps
             if cfg.validation.source and every and (self.global_step % every == 0 or self.global_step == cfg.max_steps):
                 metrics.update(self.validate())

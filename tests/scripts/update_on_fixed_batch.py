@@ -27,7 +27,7 @@ def main() -> None:
     recipe.setup()
     batch = torch.load(batch_path, weights_only=False)
     mine = (batch.group_ids % recipe.world_size) == recipe.rank
-    metrics = recipe.update_policy(batch.select(mine.nonzero().flatten()))
+    metrics = recipe._reduce_metrics(recipe.update_policy(batch.select(mine.nonzero().flatten())))
     if recipe.rank == 0:
         Path(out_path).write_text(json.dumps(metrics))
     recipe.cleanup()
