@@ -25,7 +25,9 @@ held-out set (the questions training validation uses: `validation.source`, `vali
 with `--eval-k` samples per question (16) at the validation temperature and answer length, giving
 avg@16 and the unbiased pass@1/4/16. The base model is evaluated the same way once. A run whose
 summary.json (training) or eval/eval.json (evaluation) exists is reused, so an interrupted
-invocation continues where it stopped; runs go seed by seed so that partial results are balanced.
+invocation continues where it stopped; runs go seed by seed so that partial results are balanced,
+and `--max-new-runs N` stops after N runs that had to be trained (to take turns between two
+comparisons on one machine: each invocation continues with the next seed).
 
 Reads each run's history.json and eval.json and writes, after every run,
 
@@ -103,7 +105,10 @@ def evaluate_model(model_dir: Path, out: Path, task: dict, k: int, log_path: Pat
 def run_one(tag: str, config: str, overrides: list[str], runs_dir: Path, log_dir: Path, task: dict, k: int) -> dict:
     out = runs_dir / tag
     train_overrides = [f"output_dir={out}", "save_final_model=true", "checkpoint_every_n_steps=null", *overrides]
-    if not (out / "summary.json").exists():  # else finished in an earlier invocation: reuse it
+    trained = not (out / "summary.json").exists()  # else finished in an earlier invocation: reuse it
+    if trained:
+        if out.exists():  # an interrupted earlier attempt: start it again
+            train_overrides.append("overwrite=true")
         _tune("recipes/online_rl_distributed.py", config, train_overrides, log_dir / f"{tag}.log")
     summary = json.loads((out / "summary.json").read_text())
     history = json.loads((out / "history.json").read_text())
@@ -124,6 +129,7 @@ def run_one(tag: str, config: str, overrides: list[str], runs_dir: Path, log_dir
                        if any(m in h for h in history)},
         "eval": evaluation,
         "command": "tune run recipes/online_rl_distributed.py --config " + shlex.join([config, *train_overrides]),
+        "trained_now": trained,
     }
 
 
@@ -345,6 +351,8 @@ def main() -> None:
         help="run each variant with each of these num_minibatches (optimiser steps per rollout)",
     )
     parser.add_argument("--eval-k", type=int, default=16, help="samples per held-out question for pass@k")
+    parser.add_argument("--max-new-runs", type=int, default=None,
+                        help="stop after this many runs that had to be trained (finished ones are reused)")
     parser.add_argument(
         "--name", default=None,
         help="results file stem (default compare_losses / nft_ablation, + _minibatches with --num-minibatches)",
@@ -385,20 +393,26 @@ def main() -> None:
             variants[label] = {"base": base, "num_minibatches": n, "overrides": [*overrides, *extra]}
 
     info = machine_info()
-    command = "python benchmarks/compare_losses.py " + shlex.join(sys.argv[1:])
+    argv = sys.argv[1:]
+    if "--max-new-runs" in argv:  # how the runs were scheduled, not what they are
+        del argv[argv.index("--max-new-runs"):argv.index("--max-new-runs") + 2]
+    command = "python benchmarks/compare_losses.py " + shlex.join(argv)
     base_eval = evaluate_model(REPO / task["model_dir"], runs_dir / "base_eval", task, args.eval_k,
                                log_dir / "base.eval.log")
     results: dict[str, list[dict]] = {label: [] for label in variants}
     total = len(variants) * len(args.seeds)
-    done = 0
+    done = new_runs = 0
     for seed in args.seeds:  # seed-major: a partial result has every variant at the same seeds
         for label, v in variants.items():
+            if args.max_new_runs is not None and new_runs >= args.max_new_runs:
+                break
             tag = label.replace(" ", "_").replace("=", "") + f"_seed{seed}"
             run = run_one(tag, args.config, [*v["overrides"], f"seed={seed}", *common], runs_dir, log_dir, task,
                           args.eval_k)
             run.update(seed=seed, num_minibatches=v["num_minibatches"])
             results[label].append(run)
             done += 1
+            new_runs += run.pop("trained_now")
             ev = run["eval"]
             print(f"[{done}/{total}] {label} seed={seed}: final avg@{task['k']} {run['final_accuracy']:.3f}, "
                   + ", ".join(f"pass@{j} {ev[f'pass@{j}']:.3f}" for j in PASS_K if f"pass@{j}" in ev)
@@ -406,7 +420,8 @@ def main() -> None:
             write_report(name, {lab: r for lab, r in results.items() if r}, variants, info=info, command=command,
                          config=args.config, task=task, seeds=args.seeds, total=total, base_eval=base_eval,
                          eval_k=args.eval_k, reference_base=reference_base)
-    print((RESULTS / f"{name}.md").read_text())
+    if done:
+        print((RESULTS / f"{name}.md").read_text())
 
 
 if __name__ == "__main__":
