@@ -26,8 +26,8 @@ with `--eval-k` samples per question (16) at the validation temperature and answ
 avg@16 and the unbiased pass@1/4/16. The base model is evaluated the same way once. A run whose
 summary.json (training) or eval/eval.json (evaluation) exists is reused, so an interrupted
 invocation continues where it stopped; runs go seed by seed so that partial results are balanced,
-and `--max-new-runs N` stops after N runs that had to be trained (to take turns between two
-comparisons on one machine: each invocation continues with the next seed).
+and `--max-new-runs N` trains at most N runs and reports every finished one (to take turns between
+two comparisons on one machine; `--max-new-runs 0` only rewrites the report).
 
 Reads each run's history.json and eval.json and writes, after every run,
 
@@ -352,7 +352,7 @@ def main() -> None:
     )
     parser.add_argument("--eval-k", type=int, default=16, help="samples per held-out question for pass@k")
     parser.add_argument("--max-new-runs", type=int, default=None,
-                        help="stop after this many runs that had to be trained (finished ones are reused)")
+                        help="train at most this many runs (finished ones are reused and reported; 0: report only)")
     parser.add_argument(
         "--name", default=None,
         help="results file stem (default compare_losses / nft_ablation, + _minibatches with --num-minibatches)",
@@ -402,25 +402,33 @@ def main() -> None:
     results: dict[str, list[dict]] = {label: [] for label in variants}
     total = len(variants) * len(args.seeds)
     done = new_runs = 0
+
+    def report() -> None:
+        write_report(name, {lab: r for lab, r in results.items() if r}, variants, info=info, command=command,
+                     config=args.config, task=task, seeds=args.seeds, total=total, base_eval=base_eval,
+                     eval_k=args.eval_k, reference_base=reference_base)
+
     for seed in args.seeds:  # seed-major: a partial result has every variant at the same seeds
         for label, v in variants.items():
-            if args.max_new_runs is not None and new_runs >= args.max_new_runs:
-                break
             tag = label.replace(" ", "_").replace("=", "") + f"_seed{seed}"
+            budget_spent = args.max_new_runs is not None and new_runs >= args.max_new_runs
+            if budget_spent and not (runs_dir / tag / "summary.json").exists():
+                continue  # not trained in this invocation; the report covers the finished runs
             run = run_one(tag, args.config, [*v["overrides"], f"seed={seed}", *common], runs_dir, log_dir, task,
                           args.eval_k)
             run.update(seed=seed, num_minibatches=v["num_minibatches"])
             results[label].append(run)
             done += 1
-            new_runs += run.pop("trained_now")
+            trained_now = run.pop("trained_now")
+            new_runs += trained_now
             ev = run["eval"]
             print(f"[{done}/{total}] {label} seed={seed}: final avg@{task['k']} {run['final_accuracy']:.3f}, "
                   + ", ".join(f"pass@{j} {ev[f'pass@{j}']:.3f}" for j in PASS_K if f"pass@{j}" in ev)
                   + f", train {run['train_seconds']:.0f}s, eval {run['eval_seconds']:.0f}s", flush=True)
-            write_report(name, {lab: r for lab, r in results.items() if r}, variants, info=info, command=command,
-                         config=args.config, task=task, seeds=args.seeds, total=total, base_eval=base_eval,
-                         eval_k=args.eval_k, reference_base=reference_base)
+            if trained_now:
+                report()
     if done:
+        report()
         print((RESULTS / f"{name}.md").read_text())
 
 
