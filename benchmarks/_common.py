@@ -60,3 +60,24 @@ def time_call(step, device: str, repeats: int) -> dict[str, float]:
         synchronize(device)
         times.append(time.perf_counter() - start)
     return {"seconds": statistics.median(times), "min_seconds": min(times)}
+
+
+# Two-sided 95% critical values of Student's t, t_{0.975, df}, df = 1..30, to three decimals, from
+# the NIST/SEMATECH e-Handbook of Statistical Methods, section 1.3.6.7.2 ("Critical values of the
+# Student's t distribution", column 0.975). Beyond df = 30 the normal quantile 1.960 is used
+# (t_{0.975, 60} = 2.000, t_{0.975, 120} = 1.980: within 2%).
+T_975 = {
+    1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+    11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+    20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048,
+    29: 2.045, 30: 2.042,
+}
+
+
+def mean_ci95(xs: list[float]) -> tuple[float, float, float]:
+    """Mean and its two-sided 95% Student-t interval (lo, hi); (mean, nan, nan) for fewer than 2 values."""
+    mean = statistics.fmean(xs)
+    if len(xs) < 2:
+        return mean, float("nan"), float("nan")
+    half = T_975.get(len(xs) - 1, 1.960) * statistics.stdev(xs) / len(xs) ** 0.5
+    return mean, mean - half, mean + half

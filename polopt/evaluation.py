@@ -1,13 +1,22 @@
 """avg@k and pass@k of a policy on question/answer sets, through the training rollout engines and
 verifier, so that validation during training and `recipes/evaluate.py` measure the same thing.
 
-    avg@k  = mean over questions of (correct answers among k samples) / k
-    pass@k = fraction of questions with at least one correct answer among k samples
+    avg@n  = mean over questions of (correct answers among n samples) / n
+    pass@n = fraction of questions with at least one correct answer among n samples
+    pass@k = mean over questions of 1 - C(n - c, k) / C(n, k), for k <= n   (`pass_at_k`)
+
+The last is the unbiased estimator of Chen et al. 2021 ("Evaluating Large Language Models Trained
+on Code", Eq. 1): with c of a question's n samples correct, it is the probability that a k-subset
+drawn without replacement from the n holds at least one correct answer. pass@1 = avg@n and
+pass@n = the fraction of questions solved at least once. (`evaluate_prompts`' `k` is the number of
+samples n; its "avg_at_k"/"pass_at_k" are avg@n and pass@n.)
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
+from fractions import Fraction
 from typing import Callable, Optional, Sequence
 
 from tqdm import tqdm
@@ -16,6 +25,22 @@ from polopt.prompts import Prompt
 from polopt.rollout import SamplingParams
 from polopt.rollout.sampler import generate_and_verify
 from polopt.verify import verification_counts
+
+
+def pass_at_k(correct_counts: Sequence[int], n: int, k: int) -> float:
+    """Unbiased pass@k averaged over questions: mean of 1 - C(n - c, k) / C(n, k) over the
+    per-question correct counts c (each 0 <= c <= n) of n samples per question, 1 <= k <= n.
+    Exact (integer binomials), so pass@n is exactly the solved fraction."""
+    if not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 1 <= k <= n (samples per question), got k={k}, n={n}")
+    if not correct_counts:
+        return 0.0
+    total = Fraction(0)
+    for c in correct_counts:
+        if not 0 <= c <= n:
+            raise ValueError(f"a question's correct count must be in [0, n={n}], got {c}")
+        total += 1 - Fraction(math.comb(n - int(c), k), math.comb(n, k))
+    return float(total / len(correct_counts))
 
 
 def evaluate_prompts(
@@ -35,13 +60,16 @@ def evaluate_prompts(
     questions across ranks can add them up: {"correct", "solved", "n_questions", "k",
     "avg_at_k", "pass_at_k", "mean_response_len", "truncation_rate"}, plus the verifier's counts
     over this call when it keeps them (`verify/timeouts`, `verify/worker_deaths`,
-    `verify/filtered_as_code`, `verify/answers`: see `polopt.verify.verification_counts`).
+    `verify/filtered_as_code`, `verify/answers`: see `polopt.verify.verification_counts`), and
+    "correct_per_question" (a list, the correct count of each question in order: the input of
+    `pass_at_k`).
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     correct = solved = tokens = truncated = 0.0
+    per_question: list[int] = []
     counts_before = verification_counts(verifier)
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
     for start in range(0, len(prompts), batch_size):
@@ -52,6 +80,7 @@ def evaluate_prompts(
         for g in groups:
             correct += sum(g.rewards)
             solved += float(max(g.rewards) > 0)
+            per_question.append(int(sum(r > 0 for r in g.rewards)))
         tokens += sum(len(c.token_ids) for c in flat)
         truncated += sum(c.truncated for c in flat)
         bar.update(len(chunk))
@@ -68,6 +97,7 @@ def evaluate_prompts(
         "mean_response_len": tokens / samples,
         "truncation_rate": truncated / samples,
         **verification_counts(verifier, counts_before),
+        "correct_per_question": per_question,
     }
 
 
@@ -86,4 +116,5 @@ def merge_counts(parts: list[dict[str, float]]) -> dict[str, float]:
         "mean_response_len": sum(p["mean_response_len"] * p["n_questions"] * k for p in parts) / samples,
         "truncation_rate": sum(p["truncation_rate"] * p["n_questions"] * k for p in parts) / samples,
         **{name: sum(p[name] for p in parts) for name in (parts[0] if parts else {}) if name.startswith("verify/")},
+        "correct_per_question": [c for p in parts for c in p.get("correct_per_question", [])],
     }

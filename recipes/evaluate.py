@@ -1,15 +1,18 @@
 """avg@k and pass@k of an HF-format model on math benchmarks, with the training data path.
 
-    polopt evaluate --config evaluate model_dir=outputs/tiny_arith_nft/final k=4 output_dir=outputs/eval_nft \
-        'datasets=[assets/tiny_arith/val.jsonl,../shared/data/math500.jsonl]'
+    polopt evaluate --config evaluate model_dir=outputs/tiny_arith_nft/final output_dir=outputs/eval_nft \
+        'datasets=[assets/tiny_arith/val.jsonl,../shared/data/math500.jsonl]' k=16 'pass_k=[1,4,16]'
     # = PYTHONPATH=. tune run recipes/evaluate.py --config configs/evaluate.yaml ...
 
 `model_dir` is any HF model folder: the embedded base model (default), or the `final/` a training
 run wrote. Questions go through the same prompt templates, rollout engine and verifier as training
 (`polopt.evaluation.evaluate_prompts`), so a validation curve during training and this recipe's
-numbers are the same measurement. Writes `output_dir/eval.json` (per dataset: avg@k, pass@k, k,
-number of questions, sampling settings) and `output_dir/eval.md` (a markdown table); an existing
-eval.json is replaced only with `overwrite=true`.
+numbers are the same measurement. `k` answers are sampled per question; `pass_k` lists the j <= k
+for which the unbiased pass@j (Chen et al. 2021, `polopt.evaluation.pass_at_k`) is computed from
+the per-question correct counts. Writes `output_dir/eval.json` (per dataset: avg@k, pass@k = solved
+at least once in k, "pass@j" for each j in pass_k, each question's correct count, number of
+questions, sampling settings) and `output_dir/eval.md` (a markdown table); an existing eval.json
+is replaced only with `overwrite=true`.
 
 A dataset entry is a path (JSONL/Parquet) or hub name, or a mapping with `source` and any of
 `name`, `template`, `question_field`, `answer_field`, `split`, `k`, `max_questions`. Every key is
@@ -26,22 +29,46 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torchtune import config, training, utils
 from torchtune.config._utils import _get_component_from_path
 
 from polopt.checkpoint import load_hf_model
 from polopt.errors import UserError
-from polopt.evaluation import evaluate_prompts
+from polopt.evaluation import evaluate_prompts, pass_at_k
 from polopt.prompts import PromptDataset, load_rows
 from polopt.recipe_config import ConfigError, describe_user_error, validate_eval_config
 from polopt.rollout import SamplingParams
 
 log = utils.get_logger("INFO")
 
+def check_pass_k(value, cfg: DictConfig) -> list[int]:
+    """`pass_k` as a sorted list of distinct ints, each >= 1 and <= every dataset's k (samples per
+    question); a ConfigError naming the key otherwise. (`pass_k` is read here, not in
+    polopt.recipe_config's EVAL_SCHEMA.)"""
+    if value is None:
+        return []
+    items = list(value) if isinstance(value, (ListConfig, list, tuple)) else None
+    if items is None or any(isinstance(j, bool) or not isinstance(j, int) or j < 1 for j in items):
+        raise ConfigError(f"config key 'pass_k' must be a list of integers >= 1 (e.g. [1, 4, 16]), got {value!r}",
+                          "pass_k")
+    for i, entry in enumerate(cfg.datasets):
+        samples = int(entry.k or cfg.k)
+        too_big = [j for j in items if j > samples]
+        if too_big:
+            where = f"datasets[{i}] ({entry.name or entry.source})"
+            raise ConfigError(f"config key 'pass_k' asks for pass@{max(too_big)} but {where} samples k={samples} "
+                              f"answers per question; each pass_k entry must be <= k: raise k or drop "
+                              f"{', '.join(map(str, too_big))} from pass_k", "pass_k")
+    return sorted(set(items))
+
+
 class EvaluateRecipe:
     def __init__(self, cfg: DictConfig) -> None:
+        OmegaConf.set_struct(cfg, False)
+        pass_k = cfg.pop("pass_k", None)
         self.cfg = cfg = validate_eval_config(cfg)
+        self.pass_k = check_pass_k(pass_k, cfg)
         out = Path(cfg.output_dir)
         if (out / "eval.json").exists() and not cfg.overwrite:
             raise ConfigError(f"output_dir={out} already holds an eval.json; set overwrite=true to replace it, "
@@ -109,13 +136,16 @@ class EvaluateRecipe:
                 batch_size=int(cfg.batch_size), progress=True, desc=name,
             )
             scores["seconds"] = round(time.perf_counter() - start, 2)
+            for j in self.pass_k:
+                scores[f"pass@{j}"] = pass_at_k(scores["correct_per_question"], k, j)
             results[name] = {
                 **scores,
                 "source": str(entry.source),
                 "n_dropped_too_long": dataset.num_dropped,
                 "sampling": asdict(params),
             }
-            log.info(f"{name}: avg@{k} = {scores['avg_at_k']:.4f}, pass@{k} = {scores['pass_at_k']:.4f} "
+            unbiased = "".join(f", pass@{j} = {scores[f'pass@{j}']:.4f}" for j in self.pass_k)
+            log.info(f"{name}: avg@{k} = {scores['avg_at_k']:.4f}, pass@{k} = {scores['pass_at_k']:.4f}{unbiased} "
                      f"({int(scores['n_questions'])} questions)")
         return results
 
@@ -124,12 +154,15 @@ class EvaluateRecipe:
         out.mkdir(parents=True, exist_ok=True)
         payload = {"model_dir": str(self.cfg.get("model_dir")), "datasets": results}
         (out / "eval.json").write_text(json.dumps(payload, indent=2))
-        lines = ["| dataset | n | k | avg@k | pass@k |", "|---|---:|---:|---:|---:|"]
+        extra = [f"pass@{j}" for j in self.pass_k]
+        lines = ["| dataset | n | k | avg@k | pass@k (solved in k) |" + "".join(f" {c} |" for c in extra),
+                 "|---|---:|---:|---:|---:|" + "---:|" * len(extra)]
         for name, r in results.items():
-            lines.append(f"| {name} | {int(r['n_questions'])} | {int(r['k'])} | {r['avg_at_k']:.4f} | {r['pass_at_k']:.4f} |")
+            lines.append(f"| {name} | {int(r['n_questions'])} | {int(r['k'])} | {r['avg_at_k']:.4f} | {r['pass_at_k']:.4f} |"
+                         + "".join(f" {r[c]:.4f} |" for c in extra))
         if len(results) > 1:
             mean = sum(r["avg_at_k"] for r in results.values()) / len(results)
-            lines.append(f"| **mean** | | | {mean:.4f} | |")
+            lines.append(f"| **mean** | | | {mean:.4f} | |" + " |" * len(extra))
         (out / "eval.md").write_text("\n".join(lines) + "\n")
         return out / "eval.json"
 

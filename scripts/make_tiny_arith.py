@@ -2,6 +2,8 @@
 
     python scripts/make_tiny_arith.py                 # the committed assets (~5-8 min on 2 cores)
     python scripts/make_tiny_arith.py --quick --out /tmp/x   # seconds; for tests
+    python scripts/make_tiny_arith.py --hard          # assets/tiny_arith_hard: noisier columns, q=0.63
+                                                      # (= --q 0.63 --out assets/tiny_arith_hard)
 
 Steps (all seeded, printed as they go):
 1. problems: disjoint train/val/test splits of 3-digit additions -> {train,val,test}.jsonl
@@ -10,11 +12,17 @@ Steps (all seeded, printed as they go):
 3. model: `polopt.models.tiny_arith` trained with AdamW on fresh noisy solutions
    (`polopt.tasks.arith.write_solution(q=...)`), loss on the response tokens and the stop token
 4. HF export: config.json, model.safetensors (torchtune -> HF names), generation_config.json
-5. base_eval.json: avg@16 (= pass@1 in expectation) and pass@16 on val and test, temperature 1.0
+5. base_eval.json: avg@16, the unbiased pass@1/4/16 (`polopt.evaluation.pass_at_k`) on val and
+   test, temperature 1.0, `--max-new-tokens` per answer
 
 Why noisy demonstrations: the base policy then solves a problem with probability about
 (1 - q)^digits, every problem has a right answer within reach of sampling (pass@16 high), and
-reinforcement learning with a verifier can raise pass@1 without a teacher.
+reinforcement learning with a verifier can raise pass@1 without a teacher. More digits (more noisy
+columns) and a larger q make the questions harder for the base model. `--hard` aims at base
+pass@1 <= 0.1 with pass@16 >= 0.5 (issue 16) with noisier columns of the same 3-digit task, so that
+answers keep their length and a run its cost: the trained model is more accurate than its corpus,
+so q sits above the 1 - 0.1^(1/3) that the corpus alone would need (base_eval.json has the numbers;
+4-digit operands at q=0.45 and the default 600 steps gave a model far below its corpus).
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ from torchtune.models.qwen2._tokenizer import PRETOKENIZE_REGEX
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from polopt.evaluation import evaluate_prompts  # noqa: E402
+from polopt.evaluation import evaluate_prompts, pass_at_k  # noqa: E402
 from polopt.models import TINY_ARITH, tiny_arith  # noqa: E402
 from polopt.prompts import Prompt  # noqa: E402
 from polopt.rollout import NativeRolloutEngine, SamplingParams  # noqa: E402
@@ -237,6 +245,9 @@ def evaluate(model, tokenizer, problems: list[Problem], k: int, max_new_tokens: 
     params = SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens,
                             stop_token_ids=list(tokenizer.stop_tokens), seed=seed)
     result = evaluate_prompts(engine, verifier, prompts, k=k, params=params, batch_size=max(1, 512 // k))
+    for j in sorted({1, 4, 16, k}):
+        if j <= k:
+            result[f"pass@{j}"] = pass_at_k(result["correct_per_question"], k, j)
     return {**result, "example": problems[0].question + engine.generate([prompts[0].token_ids], 1, params)[0][0].text}
 
 
@@ -259,7 +270,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--k", type=int, default=16, help="samples per question in base_eval.json")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-new-tokens", type=int, default=64, help="answer budget of the base evaluation")
+    ap.add_argument("--hard", action="store_true",
+                    help="the harder task: --q 0.63, into assets/tiny_arith_hard unless --out is given")
     args = ap.parse_args(argv)
+    if args.hard:
+        given = set(argv if argv is not None else sys.argv[1:])
+        if "--digits" in given or "--q" in given:
+            ap.error("--hard sets --digits 3 --q 0.63; give those options without --hard instead")
+        args.digits, args.q = 3, 0.63
+        if "--out" not in given:
+            args.out = REPO / "assets" / "tiny_arith_hard"
     sizes = {"train": 4000, "val": 200, "test": 200}
     if args.quick:
         sizes = {"train": 40, "val": 8, "test": 8}
@@ -296,11 +317,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     report = {"command": "python scripts/make_tiny_arith.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "args": {k: _display_path(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-              "temperature": 1.0, "max_new_tokens": 64, "torch": torch.__version__,
+              "temperature": 1.0, "max_new_tokens": args.max_new_tokens, "torch": torch.__version__,
               "device": "cpu (not run on GPU)"}
     with MathVerifier(timeout_s=5.0, num_workers=1) as verifier:
         for name in ("val", "test"):
-            report[name] = evaluate(model, tokenizer, splits[name], args.k, 64, args.seed + 3 + len(name), verifier)
+            report[name] = evaluate(model, tokenizer, splits[name], args.k, args.max_new_tokens,
+                                    args.seed + 3 + len(name), verifier)
             log(f"{name}: avg@{args.k} {report[name]['avg_at_k']:.3f} pass@{args.k} {report[name]['pass_at_k']:.3f} "
                 f"e.g. {report[name]['example']!r}")
     report["wall_seconds"] = round(time.perf_counter() - t_start, 1)

@@ -32,7 +32,7 @@ SMALL = [
     "validation.every_n_steps=1",
     "checkpoint_every_n_steps=null",
 ]
-EVAL_SMALL = ["datasets=[{source: assets/tiny_arith/val.jsonl, name: arith, max_questions: 8}]", "k=1"]
+EVAL_SMALL = ["datasets=[{source: assets/tiny_arith/val.jsonl, name: arith, max_questions: 8}]", "k=1", "pass_k=[1]"]
 HF_FILES = {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
             "vocab.json", "merges.txt", "special_tokens.json", "polopt.json"}
 
@@ -327,6 +327,10 @@ EVAL_ERRORS = {
     "missing answer field": (["datasets=[{source: assets/tiny_arith/val.jsonl, answer_field: solution}]"],
                              ["val.jsonl:1:", "Set datasets[0].answer_field"]),
     "k below 1": (["k=0"], ["'k' must be >= 1"]),
+    # configs/evaluate.yaml asks for pass@1/4/16
+    "pass_k above k": (["k=4"], ["'pass_k' asks for pass@16", "k=4", "drop 16 from pass_k"]),
+    "pass_k not a list": (["pass_k=4"], ["'pass_k' must be a list of integers >= 1"]),
+    "pass_k below 1": (["pass_k=[0,1]"], ["'pass_k' must be a list of integers >= 1"]),
 }
 
 

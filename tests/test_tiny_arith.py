@@ -24,6 +24,7 @@ from polopt.verify import score_one
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "assets" / "tiny_arith"
+HARD = REPO / "assets" / "tiny_arith_hard"  # `make_tiny_arith.py --hard`: configs/tiny_arith_hard.yaml
 sys.path.insert(0, str(REPO / "scripts"))
 
 problems = st.builds(Problem, st.integers(0, 99_999), st.integers(0, 99_999))
@@ -89,19 +90,20 @@ def test_bad_task_arguments_are_named():
 
 
 # ----------------------------------------------------------------------------- committed assets
-def test_assets_are_small_and_match_the_builder():
-    files = {p.name: p.stat().st_size for p in ASSETS.iterdir()}
+@pytest.mark.parametrize("assets", [ASSETS, HARD], ids=lambda p: p.name)
+def test_assets_are_small_and_match_the_builder(assets):
+    files = {p.name: p.stat().st_size for p in assets.iterdir()}
     assert sum(files.values()) < 20 * 2**20, files
     for name in ("config.json", "model.safetensors", "generation_config.json", "vocab.json", "merges.txt",
                  "tokenizer.json", "tokenizer_config.json", "special_tokens.json", "train.jsonl", "val.jsonl",
                  "test.jsonl", "base_eval.json"):
         assert name in files, name
-    config = json.loads((ASSETS / "config.json").read_text())
+    config = json.loads((assets / "config.json").read_text())
     assert config["architectures"] == ["Qwen2ForCausalLM"] and config["model_type"] == "qwen2"
     assert (config["vocab_size"], config["hidden_size"], config["num_hidden_layers"]) == (
         TINY_ARITH["vocab_size"], TINY_ARITH["embed_dim"], TINY_ARITH["num_layers"])
     assert config["tie_word_embeddings"] is TINY_ARITH["tie_word_embeddings"]
-    rows = {name: [json.loads(line) for line in (ASSETS / f"{name}.jsonl").open()] for name in ("train", "val", "test")}
+    rows = {name: [json.loads(line) for line in (assets / f"{name}.jsonl").open()] for name in ("train", "val", "test")}
     questions = {name: {r["question"] for r in rs} for name, rs in rows.items()}
     assert not questions["train"] & questions["val"] and not questions["val"] & questions["test"]
     for r in rows["val"][:20]:
@@ -150,6 +152,38 @@ def test_base_eval_leaves_room_for_rl():
     assert "not run on GPU" in report["device"]
 
 
+def test_hard_base_eval_is_hard_but_within_reach_of_sampling():
+    """Issue 16's second task: few right answers per question (pass@1 <= 0.1) yet most questions
+    solved within 16 samples (pass@16 >= 0.5), the regime NFT's prompt weighting targets."""
+    report = json.loads((HARD / "base_eval.json").read_text())
+    val = report["val"]
+    assert val["k"] == 16 and val["n_questions"] == 200
+    assert val["pass@1"] <= 0.1 and val["pass@16"] >= 0.5, val
+    assert val["pass@1"] == pytest.approx(val["avg_at_k"]) and val["pass@16"] == pytest.approx(val["pass_at_k"])
+    # the settings `make_tiny_arith.py --hard` uses (the committed copy was written to a scratch folder first)
+    assert (report["args"]["digits"], report["args"]["q"], report["args"]["seed"]) == (3, 0.63, 0)
+    assert "not run on GPU" in report["device"]
+
+
+def test_hard_config_differs_from_the_default_only_where_it_must():
+    from omegaconf import OmegaConf
+
+    def flat(cfg, prefix=""):
+        for key, value in cfg.items():
+            if isinstance(value, dict):
+                yield from flat(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    default, hard = (dict(flat(OmegaConf.to_container(OmegaConf.load(REPO / "configs" / f"{name}.yaml"))))
+                     for name in ("tiny_arith", "tiny_arith_hard"))
+    changed = {key for key in default.keys() | hard.keys() if default.get(key) != hard.get(key)}
+    assert changed <= {"model_dir", "output_dir", "dataset.source", "validation.source", "rollout.max_new_tokens",
+                       "validation.max_new_tokens"}, changed
+    assert hard["model_dir"] == "assets/tiny_arith_hard" and "tiny_arith_hard" in hard["dataset.source"]
+    assert hard["validation.source"] == "assets/tiny_arith_hard/val.jsonl"
+
+
 # ----------------------------------------------------------------------------- the script
 def test_script_quick_mode_produces_loadable_assets(tmp_path):
     import make_tiny_arith
@@ -167,3 +201,10 @@ def test_script_quick_mode_produces_loadable_assets(tmp_path):
     assert hf(question, add_special_tokens=False)["input_ids"] == tt.encode(question, add_bos=False, add_eos=False)
     # Every id the model can sample decodes (an untrained model samples all of them).
     assert len(tt.encoder) + len(tt.special_tokens) == TINY_ARITH["vocab_size"]
+
+
+def test_script_hard_preset_refuses_its_own_settings_given_twice():
+    import make_tiny_arith
+
+    with pytest.raises(SystemExit):
+        make_tiny_arith.main(["--hard", "--q", "0.2", "--quick"])

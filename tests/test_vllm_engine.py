@@ -303,7 +303,7 @@ def test_evaluate_recipe_with_the_vllm_engine(tmp_path):
     """(d) recipes/evaluate.py with the engine overridden to vLLM: the base tiny model solves some
     of its held-out arithmetic (base avg@k ~0.3)."""
     proc = tune_run(
-        "recipes/evaluate.py", "configs/evaluate.yaml", f"output_dir={tmp_path}", "k=2",
+        "recipes/evaluate.py", "configs/evaluate.yaml", f"output_dir={tmp_path}", "k=2", "pass_k=[1,2]",
         "datasets=[{source: assets/tiny_arith/val.jsonl, name: arith, max_questions: 32}]",
         "rollout.engine._component_=polopt.rollout.VLLMRolloutEngine",
         "rollout.engine.model_name_or_path=assets/tiny_arith", "rollout.engine.dtype=float32",
