@@ -137,11 +137,7 @@ class NativeRolloutEngine:
         padding_mask = torch.cat([prompt_mask, torch.ones((B, T), dtype=torch.bool, device=device)], dim=1)
         masks = get_causal_mask_from_padding_mask(padding_mask, target_seq_len=P + T)
         input_pos = get_position_ids_from_padding_mask(padding_mask)
-        stop_ids = torch.tensor(params.stop_token_ids, dtype=torch.long, device=device)
-        out_tokens = torch.zeros((B, T), dtype=torch.long, device=device)
-        out_logprobs = torch.zeros((B, T), dtype=torch.float32, device=device)
-        lengths = torch.full((B,), T, dtype=torch.long, device=device)
-        stopped = torch.zeros(B, dtype=torch.bool, device=device)
+        stop_ids, out_tokens, out_logprobs, lengths, stopped = _decode_buffers(B, T, params, device)
         model.setup_caches(batch_size=B, dtype=model.tok_embeddings.weight.dtype, decoder_max_seq_len=P + T)
         try:
             logits = model(tokens, input_pos=input_pos[:, :P], mask=masks[:, :P])[:, -1]
@@ -186,11 +182,7 @@ class NativeRolloutEngine:
                 # Keys each row may attend to: its real prompt tokens, then every generated token.
                 key_mask = torch.ones((B, P + T), dtype=torch.bool, device=device)
                 key_mask[:, :P] = prompt_mask.repeat_interleave(share, 0)
-                stop_ids = torch.tensor(params.stop_token_ids, dtype=torch.long, device=device)
-                out_tokens = torch.zeros((B, T), dtype=torch.long, device=device)
-                out_logprobs = torch.zeros((B, T), dtype=torch.float32, device=device)
-                lengths = torch.full((B,), T, dtype=torch.long, device=device)
-                stopped = torch.zeros(B, dtype=torch.bool, device=device)
+                stop_ids, out_tokens, out_logprobs, lengths, stopped = _decode_buffers(B, T, params, device)
                 rows = torch.arange(B, device=device)  # the rows still decoding, prefix by prefix
                 for t in range(T):
                     # Noise for all B rows every step: a row's draws never depend on the others.
@@ -234,6 +226,17 @@ class NativeRolloutEngine:
                 group.append(Completion(ids, logprobs[row][:n], truncated=not stopped[row], text=self.decode(text_ids)))
             out.append(group)
         return out
+
+
+def _decode_buffers(B: int, T: int, params: SamplingParams, device):
+    """stop ids, and per row: tokens [B, T], log-probs [B, T], length (T until a stop), stopped."""
+    return (
+        torch.tensor(params.stop_token_ids, dtype=torch.long, device=device),
+        torch.zeros((B, T), dtype=torch.long, device=device),
+        torch.zeros((B, T), dtype=torch.float32, device=device),
+        torch.full((B,), T, dtype=torch.long, device=device),
+        torch.zeros(B, dtype=torch.bool, device=device),
+    )
 
 
 def sample_tokens(
