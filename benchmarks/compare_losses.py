@@ -25,7 +25,8 @@ held-out set (the questions training validation uses: `validation.source`, `vali
 with `--eval-k` samples per question (16) at the validation temperature and answer length, giving
 avg@16 and the unbiased pass@1/4/16. The base model is evaluated the same way once. A run whose
 summary.json (training) or eval/eval.json (evaluation) exists is reused, so an interrupted
-invocation continues where it stopped; runs go seed by seed so that partial results are balanced,
+invocation continues where it stopped (`--reuse-results benchmarks/results/<name>.json` reuses the
+runs of a committed report whose runs directory is gone, where the command is identical); runs go seed by seed so that partial results are balanced,
 and `--max-new-runs N` trains at most N runs and reports every finished one (to take turns between
 two comparisons on one machine; `--max-new-runs 0` only rewrites the report).
 
@@ -56,6 +57,7 @@ import sys
 import time
 from importlib.metadata import version
 from pathlib import Path
+from typing import Optional
 
 from omegaconf import OmegaConf
 
@@ -105,9 +107,36 @@ def evaluate_model(model_dir: Path, out: Path, task: dict, k: int, log_path: Pat
                                          *(f"pass@{j}" for j in PASS_K if j <= k))}
 
 
-def run_one(tag: str, config: str, overrides: list[str], runs_dir: Path, log_dir: Path, task: dict, k: int) -> dict:
+def train_command(config: str, out: Path, overrides: list[str]) -> list[str]:
+    """The `tune run` arguments of one training run (after the recipe path)."""
+    return ["--config", config, f"output_dir={out}", "save_final_model=true", "checkpoint_every_n_steps=null",
+            *overrides]
+
+
+def _without_output_dir(command: str) -> list[str]:
+    return [a for a in shlex.split(command) if not a.startswith("output_dir=")]
+
+
+def previous_runs(path: Optional[Path]) -> dict[str, dict]:
+    """Run records (by tag) of an earlier report's JSON, e.g. the committed one when the runs
+    directory that produced it is gone; a record is reused only for the identical command."""
+    if path is None:
+        return {}
+    if not path.is_file():
+        sys.exit(f"--reuse-results {path}: no such file")
+    return {run["tag"]: run for runs in json.loads(path.read_text())["runs"].values() for run in runs}
+
+
+def run_one(tag: str, config: str, overrides: list[str], runs_dir: Path, log_dir: Path, task: dict, k: int,
+            previous: Optional[dict] = None) -> dict:
     out = runs_dir / tag
-    train_overrides = [f"output_dir={out}", "save_final_model=true", "checkpoint_every_n_steps=null", *overrides]
+    command = train_command(config, out, overrides)
+    shown = "tune run recipes/online_rl_distributed.py " + shlex.join(command)
+    if (previous is not None and not (out / "summary.json").exists() and previous["eval"]["k"] == k
+            and _without_output_dir(previous["command"]) == _without_output_dir(shown)):
+        return {**{key: value for key, value in previous.items() if key not in ("seed", "num_minibatches")},
+                "trained_now": False}
+    train_overrides = command[2:]
     trained = not (out / "summary.json").exists()  # else finished in an earlier invocation: reuse it
     if trained:
         if out.exists():  # an interrupted earlier attempt: start it again
@@ -131,7 +160,7 @@ def run_one(tag: str, config: str, overrides: list[str], runs_dir: Path, log_dir
         "off_policy": {m: [(h["step"], h[m]) for h in history if m in h] for m in OFF_POLICY_METRICS
                        if any(m in h for h in history)},
         "eval": evaluation,
-        "command": "tune run recipes/online_rl_distributed.py --config " + shlex.join([config, *train_overrides]),
+        "command": shown,
         "trained_now": trained,
     }
 
@@ -361,6 +390,11 @@ def main() -> None:
         help="results file stem (default compare_losses / nft_ablation, + _minibatches with --num-minibatches)",
     )
     parser.add_argument("--runs-dir", default="outputs/compare_losses")
+    parser.add_argument(
+        "--reuse-results", type=Path, default=None,
+        help="an earlier report's JSON (e.g. benchmarks/results/<name>.json): its runs are reused, not retrained, "
+             "where the training command is identical (output_dir aside)",
+    )
     parser.add_argument("extra", nargs="*", help="extra key=value overrides passed to every run")
     args = parser.parse_args()
 
@@ -402,6 +436,7 @@ def main() -> None:
     command = "python benchmarks/compare_losses.py " + shlex.join(argv)
     base_eval = evaluate_model(REPO / task["model_dir"], runs_dir / "base_eval", task, args.eval_k,
                                log_dir / "base.eval.log")
+    previous = previous_runs(args.reuse_results)
     results: dict[str, list[dict]] = {label: [] for label in variants}
     total = len(variants) * len(args.seeds)
     done = new_runs = 0
@@ -415,10 +450,10 @@ def main() -> None:
         for label, v in variants.items():
             tag = label.replace(" ", "_").replace("=", "") + f"_seed{seed}"
             budget_spent = args.max_new_runs is not None and new_runs >= args.max_new_runs
-            if budget_spent and not (runs_dir / tag / "summary.json").exists():
+            if budget_spent and not (runs_dir / tag / "summary.json").exists() and tag not in previous:
                 continue  # not trained in this invocation; the report covers the finished runs
             run = run_one(tag, args.config, [*v["overrides"], f"seed={seed}", *common], runs_dir, log_dir, task,
-                          args.eval_k)
+                          args.eval_k, previous.get(tag))
             run.update(seed=seed, num_minibatches=v["num_minibatches"])
             results[label].append(run)
             done += 1
