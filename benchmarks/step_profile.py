@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, RESULTS, environment  # noqa: E402
-from step_vs_trl import ANSWERS, LR, NEW_TOKENS, PROMPTS, SEED  # noqa: E402 - the same step
+from step_vs_trl import ANSWERS, NEW_TOKENS, PROMPTS, polopt_arguments  # noqa: E402 - the same step
 
 PHASES = {  # phase -> (file suffix, function name) as cProfile records them
     "rollout/generate": ("polopt/rollout/native.py", "generate"),
@@ -48,7 +48,7 @@ PHASES = {  # phase -> (file suffix, function name) as cProfile records them
 }
 
 
-def run(steps: int, threads: int, out: Path) -> tuple[pstats.Stats, float, list[dict]]:
+def run(steps: int, threads: int, out: Path, overrides: list[str]) -> tuple[pstats.Stats, float, list[dict]]:
     os.environ["OMP_NUM_THREADS"] = str(threads)
     import torch
 
@@ -73,12 +73,7 @@ def run(steps: int, threads: int, out: Path) -> tuple[pstats.Stats, float, list[
     spec = importlib.util.spec_from_file_location("recipe", REPO / "recipes" / "online_rl_distributed.py")
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
-    sys.argv = [
-        "recipes/online_rl_distributed.py", "--config", "configs/tiny_arith.yaml", "loss=dr_grpo", "filter.enabled=false",
-        f"max_steps={steps}", f"rollout.num_prompts={PROMPTS}", f"rollout.num_samples={ANSWERS}",
-        f"rollout.max_new_tokens={NEW_TOKENS}", f"optimizer.lr={LR}", f"seed={SEED}", "validation.source=",
-        "checkpoint_every_n_steps=0", "save_final_model=false", f"output_dir={out}",
-    ]
+    sys.argv = ["recipes/online_rl_distributed.py", *polopt_arguments(steps, out), *overrides]
     profiler = cProfile.Profile(timer=time.process_time)
     profiler.enable()
     try:
@@ -105,10 +100,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--name", default="step_profile")
+    parser.add_argument("overrides", nargs="*", help="extra key=value overrides of the recipe (e.g. pack_sequences=true)")
     args = parser.parse_args()
     env = environment("cpu")  # before run() replaces sys.argv with the recipe's
     with tempfile.TemporaryDirectory() as tmp:
-        stats, verify_wall, history = run(args.steps, args.threads, Path(tmp) / "run")
+        stats, verify_wall, history = run(args.steps, args.threads, Path(tmp) / "run", args.overrides)
     # Cumulative CPU seconds over all steps (the first included: cProfile cannot drop it, so
     # the per-step figures below are over all steps, warm-up too).
     cpu = phase_seconds(stats)
@@ -140,7 +136,8 @@ def main() -> None:
         f"torch {result['environment']['torch']}; {result['environment']['date']}; 1-min load average at the end "
         f"{result['load_average_1min']:.1f}.  ",
         f"Command: `{result['environment']['command']}`\n",
-        f"step_vs_trl's step ({PROMPTS} prompts × {ANSWERS} answers, ≤ {NEW_TOKENS} new tokens, dr_grpo, filter off), "
+        f"step_vs_trl's step ({PROMPTS} prompts × {ANSWERS} answers, ≤ {NEW_TOKENS} new tokens, dr_grpo, filter off"
+        f"{''.join(', ' + o for o in args.overrides)}), "
         f"{steps} steps, {args.threads} torch thread(s). CPU seconds of this process per step (cProfile with "
         "`time.process_time`, warm-up step included), which a busy machine does not inflate:\n",
         "| phase | CPU s / step | share |",

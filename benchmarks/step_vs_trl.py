@@ -44,17 +44,22 @@ ASSETS = REPO / "assets" / "tiny_arith"
 PROMPTS, ANSWERS, NEW_TOKENS, LR, SEED = 16, 8, 48, 1e-4, 0
 
 
-def polopt_steps(steps: int, threads: int) -> list[dict]:
+def polopt_arguments(steps: int, out: Path) -> list[str]:
+    """The recipe's arguments for this step (after `tune run recipes/online_rl_distributed.py`)."""
+    return [
+        "--config", "configs/tiny_arith.yaml", "loss=dr_grpo", "filter.enabled=false",
+        f"max_steps={steps}", f"rollout.num_prompts={PROMPTS}", f"rollout.num_samples={ANSWERS}",
+        f"rollout.max_new_tokens={NEW_TOKENS}", f"optimizer.lr={LR}", f"seed={SEED}",
+        "validation.source=", "checkpoint_every_n_steps=0", "save_final_model=false", f"output_dir={out}",
+    ]
+
+
+def polopt_steps(steps: int, threads: int, overrides: list[str]) -> list[dict]:
     """`tune run` the recipe for `steps` steps; per step: seconds and answer tokens."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
-        cmd = [
-            str(Path(sys.executable).with_name("tune")), "run", "recipes/online_rl_distributed.py",
-            "--config", "configs/tiny_arith.yaml", "loss=dr_grpo", "filter.enabled=false",
-            f"max_steps={steps}", f"rollout.num_prompts={PROMPTS}", f"rollout.num_samples={ANSWERS}",
-            f"rollout.max_new_tokens={NEW_TOKENS}", f"optimizer.lr={LR}", f"seed={SEED}",
-            "validation.source=", "checkpoint_every_n_steps=0", "save_final_model=false", f"output_dir={out}",
-        ]
+        cmd = [str(Path(sys.executable).with_name("tune")), "run", "recipes/online_rl_distributed.py",
+               *polopt_arguments(steps, out), *overrides]
         env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)}
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
         if proc.returncode != 0:

@@ -14,6 +14,10 @@ sharded DTensor everywhere else: inside the forward it is the gathered full tens
 gradient is reduce-scattered back to the shard by FSDP's own hooks.
 
 `fused=False` materialises the logits the plain way (the reference; same values to ~1e-6 fp32).
+
+`pack=True` runs the model on polopt.packing's layout instead: each group's prompt once and the
+answers back to back, no padding, with a block mask; the T predicting positions of each row are
+gathered from it, and the rest is the same.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from torchtune.modules import TiedLinear, TransformerDecoder
 from torchtune.modules.common_utils import disable_kv_cache
 
 from polopt.batch import RolloutBatch
+from polopt.packing import pack_groups
 from polopt.ops.token_logprobs import logprobs_from_logits, token_logprobs
 
 __all__ = ["response_logprobs", "output_projection_weight"]
@@ -100,6 +105,8 @@ def response_logprobs(
     fused: bool = True,
     chunk_size: int = 1024,
     return_entropy: bool = False,
+    pack: bool = False,
+    max_row_tokens: Optional[int] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(log-probs [B, T] fp32 with grad, entropy [B, T] without grad or None) of the responses.
 
@@ -114,22 +121,35 @@ def response_logprobs(
             materialises [B, S, V] logits.
         chunk_size: rows per chunk of the fused projection (peak extra memory ≈ chunk_size·V·4 B).
         return_entropy: also return the per-token entropy of softmax(z / τ), for metrics.
+        pack: run the model on polopt.packing's layout (each group's prompt once, no padding)
+            instead of the padded batch; the same values to float rounding.
+        max_row_tokens: longest packed row (default: the model's max_seq_len).
     """
     _check_batch(model, batch)
     P, T = batch.prompt_len, batch.response_len
-    attention_mask = batch.attention_mask.bool()
-    mask = get_causal_mask_from_padding_mask(attention_mask)
-    input_pos = get_position_ids_from_padding_mask(attention_mask)
     targets = batch.input_ids[:, P:]
-    prediction_positions = slice(P - 1, P - 1 + T)
+    if pack:
+        packed = pack_groups(batch, max_row_tokens or model.max_seq_len)
+        tokens, mask, input_pos = packed.input_ids, packed.mask, packed.input_pos
+
+        def predicting(h: torch.Tensor) -> torch.Tensor:  # [R, L, ...] -> [B, T, ...]
+            return h[packed.rows, packed.positions]
+    else:
+        attention_mask = batch.attention_mask.bool()
+        tokens = batch.input_ids
+        mask = get_causal_mask_from_padding_mask(attention_mask)
+        input_pos = get_position_ids_from_padding_mask(attention_mask)
+
+        def predicting(h: torch.Tensor) -> torch.Tensor:  # [B, S, ...] -> [B, T, ...]
+            return h[:, P - 1 : P - 1 + T]
 
     cache_off = disable_kv_cache(model) if model.caches_are_enabled() else contextlib.nullcontext()
     with cache_off:
         if not fused:
-            logits = model(batch.input_ids, mask=mask, input_pos=input_pos)
+            logits = model(tokens, mask=mask, input_pos=input_pos)
             if isinstance(logits, list):  # set_num_output_chunks > 0 returns chunks along S
                 logits = torch.cat(logits, dim=1)
-            logits = logits[:, prediction_positions]
+            logits = predicting(logits)
             if temperature != 1.0:
                 logits = logits / temperature
             if return_entropy:
@@ -145,7 +165,7 @@ def response_logprobs(
 
         def fused_unembed(h: torch.Tensor):
             # Only the T positions that predict response tokens go through the norm and projection.
-            hidden = model.norm(h[:, prediction_positions])
+            hidden = model.norm(predicting(h))
             if not _is_separately_sharded(owner, model):
                 return project(hidden, output_projection_weight(model))
             # The owner is its own FSDP unit: call it, so its weight is gathered and its gradient
@@ -154,5 +174,5 @@ def response_logprobs(
                 return owner(hidden)
 
         with _patched(model, "unembed", fused_unembed):
-            logprobs, entropy = model(batch.input_ids, mask=mask, input_pos=input_pos)
+            logprobs, entropy = model(tokens, mask=mask, input_pos=input_pos)
     return logprobs, (entropy if return_entropy else None)

@@ -66,6 +66,7 @@ SCHEMA: dict[str, Any] = {
     "recompute_old_logprobs": (bool, False),
     "fused_logprobs": (bool, True),
     "logprob_chunk_size": (int, 1024),
+    "pack_sequences": (bool, False),
     "enable_activation_checkpointing": (bool, False),
     "checkpoint_every_n_steps": (_OPTIONAL_INT, None),
     "keep_last_checkpoints": (int, 2),

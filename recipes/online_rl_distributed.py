@@ -382,6 +382,7 @@ class OnlineRLRecipe(FTRecipeInterface):
             fused=self.cfg.fused_logprobs,
             chunk_size=self.cfg.logprob_chunk_size,
             return_entropy=entropy,
+            pack=self.cfg.pack_sequences,
         )
 
     # ------------------------------------------------------------------ cross-rank agreement

@@ -169,3 +169,45 @@ def test_output_bias_is_refused_by_the_fused_path():
     with pytest.raises(NotImplementedError, match="model.output has a bias; use fused=False"):
         response_logprobs(model, batch)
     assert response_logprobs(model, batch, fused=False)[0].shape == (1, 1)
+
+
+@MODEL_EXAMPLES
+@given(batches(), st.sampled_from([True, False]), st.sampled_from([True, False]), st.integers(0, 20))
+def test_packed_layout_equals_padded(batch, tied, fused, extra_row_tokens):
+    """polopt.packing: each group's prompt once and no padding gives the padded layout's log-probs,
+    entropy and gradients, however many rows a group is spread over (max_row_tokens just above its
+    prompt + longest answer splits groups across rows; +20 keeps them whole)."""
+    model = MODELS[tied]
+    P = batch.prompt_len
+    widest = int((batch.attention_mask[:, :P].sum(1) + batch.attention_mask[:, P:].sum(1)).max())
+    padded = logprobs_and_grads(model, batch, fused=fused, chunk_size=3)
+    packed = logprobs_and_grads(model, batch, fused=fused, chunk_size=3, pack=True, max_row_tokens=widest + extra_row_tokens)
+    assert packed[0].shape == padded[0].shape and torch.isfinite(packed[0]).all()
+    assert_masked_close(packed[0], padded[0], batch.response_mask, atol=2e-5)
+    assert_masked_close(packed[1], padded[1], batch.response_mask, atol=2e-5)
+    assert packed[2].keys() == padded[2].keys()
+    for name in padded[2]:
+        torch.testing.assert_close(packed[2][name], padded[2][name], rtol=1e-4, atol=2e-5, msg=name)
+
+
+def test_packing_reads_each_prompt_once_and_drops_padding():
+    from polopt.packing import pack_groups
+
+    groups = [
+        PromptGroup([5, 6, 7], "", [Completion([8, 9], [0.0] * 2, False), Completion([10, 11, 12, 13], [0.0] * 4, False)], rewards=[1, 0]),
+        PromptGroup([4], "", [Completion([3], [0.0], False), Completion([], [], False)], rewards=[0, 1]),
+    ]
+    batch = RolloutBatch.collate(groups, pad_id=PAD)
+    packed = pack_groups(batch, max_row_tokens=9)
+    assert packed.input_ids.tolist() == [[5, 6, 7, 8, 9, 10, 11, 12, 13], [4, 3, PAD, PAD, PAD, PAD, PAD, PAD, PAD]]
+    assert packed.input_pos[0].tolist() == [0, 1, 2, 3, 4, 3, 4, 5, 6]
+    # The second answer sees the prompt and itself, never the first answer.
+    assert packed.mask[0, 5].tolist() == [True, True, True, False, False, True, False, False, False]
+    assert packed.positions[1].tolist() == [2, 5, 6, 7] and packed.rows[3].tolist() == [1, 1, 1, 1]
+    # Too narrow for two answers: the group continues in a second row that repeats its prompt.
+    assert pack_groups(batch, max_row_tokens=7).input_ids.shape[0] == 3
+    with pytest.raises(ValueError, match="max_row_tokens=6"):
+        pack_groups(batch, max_row_tokens=6)
+    mixed = RolloutBatch(**{**batch.__dict__, "group_ids": torch.zeros(4, dtype=torch.long)})
+    with pytest.raises(ValueError, match="different prompt"):
+        pack_groups(mixed, max_row_tokens=32)

@@ -178,20 +178,27 @@ def test_every_config_instantiates_its_components_with_a_tiny_stand_in(tmp_path)
 
 
 @pytest.mark.slow
-def test_fused_and_materialised_logprobs_give_the_same_first_steps(tmp_path):
-    """Issue 6: the fused chunked log-prob op is a drop-in for materialised logits in the recipe.
+def test_fused_materialised_and_packed_logprobs_give_the_same_first_steps(tmp_path):
+    """Issue 6: the fused chunked log-prob op is a drop-in for materialised logits in the recipe;
+    issue 15: so is the packed layout (pack_sequences, polopt/packing.py), π_old recomputed too.
     GRPO's on-policy loss is not 0 (unlike NFT's), so the loss values themselves are compared."""
+    variants = {
+        "fused": ["fused_logprobs=true"],
+        "materialised": ["fused_logprobs=false"],
+        "packed": ["fused_logprobs=true", "pack_sequences=true"],
+    }
     runs = {}
-    for fused in ("true", "false"):
-        out = tmp_path / fused
-        tune_run(out, "loss=grpo", "max_steps=2", f"fused_logprobs={fused}", "logprob_chunk_size=7",
-                 "save_final_model=false")
-        runs[fused] = [h for h in history(out) if "loss" in h]
-    assert len(runs["true"]) == len(runs["false"]) == 2
-    for on, off in zip(runs["true"], runs["false"]):
-        assert on["loss"] == pytest.approx(off["loss"], abs=1e-5)
-        assert on["grad_norm"] == pytest.approx(off["grad_norm"], rel=1e-4)
-        assert on["entropy"] == pytest.approx(off["entropy"], abs=1e-5)
+    for name, overrides in variants.items():
+        out = tmp_path / name
+        tune_run(out, "loss=grpo", "max_steps=2", "logprob_chunk_size=7", "recompute_old_logprobs=true",
+                 "save_final_model=false", *overrides)
+        runs[name] = [h for h in history(out) if "loss" in h]
+    assert [len(r) for r in runs.values()] == [2, 2, 2]
+    for name in ("materialised", "packed"):
+        for reference, other in zip(runs["fused"], runs[name]):
+            assert other["loss"] == pytest.approx(reference["loss"], abs=1e-5), name
+            assert other["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-4), name
+            assert other["entropy"] == pytest.approx(reference["entropy"], abs=1e-5), name
 
 
 def _load_recipe_class():

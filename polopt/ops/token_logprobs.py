@@ -30,6 +30,19 @@ def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
+# Probabilities below e^-60 (~1e-26) are taken as exactly 0 in the softmax: the values this changes
+# are far below fp32's and fp64's resolution of anything they are summed with, and on CPU both exp
+# of inputs below ~-87 (fp32 underflow) and arithmetic on the subnormals it returns take a slow path,
+# which a peaked softmax (a trained model) hits on most of the vocabulary.
+_NEGLIGIBLE_LOG_PROB = -60.0
+
+
+def _softmax_from_shifted_(shifted: torch.Tensor) -> torch.Tensor:
+    """exp(shifted) in place for shifted = z − logsumexp(z) ≤ 0, entries below e^-60 set to 0."""
+    negligible = shifted < _NEGLIGIBLE_LOG_PROB
+    return shifted.clamp_(min=_NEGLIGIBLE_LOG_PROB).exp_().masked_fill_(negligible, 0.0)
+
+
 def _chunk_logits(hidden_chunk: torch.Tensor, weight: torch.Tensor, inv_temperature: float, dtype: torch.dtype) -> torch.Tensor:
     """z = (h · Wᵀ) / τ for one chunk, in the compute dtype (matmul in the input dtype)."""
     logits = hidden_chunk @ weight.t()
@@ -60,7 +73,7 @@ class _TokenLogprobs(torch.autograd.Function):
             if return_entropy:
                 # H = −Σ p·(z − lse): every term ≥ 0, no cancellation of lse against Σ p·z.
                 shifted = logits.sub_(lse[:, None])
-                entropy[rows] = -shifted.exp().mul_(shifted).sum(-1)
+                entropy[rows] = -_softmax_from_shifted_(shifted.clone()).mul_(shifted).sum(-1)
             del logits
         ctx.save_for_backward(hidden, weight, targets, logsumexp)
         ctx.inv_temperature = inv_temperature
@@ -89,7 +102,7 @@ class _TokenLogprobs(torch.autograd.Function):
             g = scaled_grad[rows]
             grad_logits = _chunk_logits(hidden[rows], weight, inv_t, dtype)
             # softmax in place, then ∂z = g·(onehot − p)
-            grad_logits.sub_(logsumexp[rows, None]).exp_().mul_(-g[:, None])
+            _softmax_from_shifted_(grad_logits.sub_(logsumexp[rows, None])).mul_(-g[:, None])
             grad_logits.scatter_add_(1, targets[rows, None], g[:, None])
             grad_logits = grad_logits.to(hidden.dtype)
             if need_hidden:
