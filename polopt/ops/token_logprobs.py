@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["token_logprobs"]
+__all__ = ["token_logprobs", "probs_from_logprobs_"]
 
 
 def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -37,10 +37,11 @@ def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
 _NEGLIGIBLE_LOG_PROB = -60.0
 
 
-def _softmax_from_shifted_(shifted: torch.Tensor) -> torch.Tensor:
-    """exp(shifted) in place for shifted = z − logsumexp(z) ≤ 0, entries below e^-60 set to 0."""
-    negligible = shifted < _NEGLIGIBLE_LOG_PROB
-    return shifted.clamp_(min=_NEGLIGIBLE_LOG_PROB).exp_().masked_fill_(negligible, 0.0)
+def probs_from_logprobs_(logprobs: torch.Tensor) -> torch.Tensor:
+    """exp(logprobs) in place for normalised log-probs (z − logsumexp(z) ≤ 0), with probabilities
+    below e^-60 set to exactly 0."""
+    negligible = logprobs < _NEGLIGIBLE_LOG_PROB
+    return logprobs.clamp_(min=_NEGLIGIBLE_LOG_PROB).exp_().masked_fill_(negligible, 0.0)
 
 
 def _chunk_logits(hidden_chunk: torch.Tensor, weight: torch.Tensor, inv_temperature: float, dtype: torch.dtype) -> torch.Tensor:
@@ -73,7 +74,7 @@ class _TokenLogprobs(torch.autograd.Function):
             if return_entropy:
                 # H = −Σ p·(z − lse): every term ≥ 0, no cancellation of lse against Σ p·z.
                 shifted = logits.sub_(lse[:, None])
-                entropy[rows] = -_softmax_from_shifted_(shifted.clone()).mul_(shifted).sum(-1)
+                entropy[rows] = -probs_from_logprobs_(shifted.clone()).mul_(shifted).sum(-1)
             del logits
         ctx.save_for_backward(hidden, weight, targets, logsumexp)
         ctx.inv_temperature = inv_temperature
@@ -102,7 +103,7 @@ class _TokenLogprobs(torch.autograd.Function):
             g = scaled_grad[rows]
             grad_logits = _chunk_logits(hidden[rows], weight, inv_t, dtype)
             # softmax in place, then ∂z = g·(onehot − p)
-            _softmax_from_shifted_(grad_logits.sub_(logsumexp[rows, None])).mul_(-g[:, None])
+            probs_from_logprobs_(grad_logits.sub_(logsumexp[rows, None])).mul_(-g[:, None])
             grad_logits.scatter_add_(1, targets[rows, None], g[:, None])
             grad_logits = grad_logits.to(hidden.dtype)
             if need_hidden:

@@ -38,6 +38,7 @@ from torchtune.modules.common_utils import delete_kv_caches
 from torchtune.modules.kv_cache import KVCache
 
 from polopt.batch import Completion
+from polopt.ops import probs_from_logprobs_
 from polopt.rollout import SamplingParams, check_generate_args
 
 
@@ -255,7 +256,7 @@ def sample_tokens(
     """
     scaled = logits.float() / params.temperature
     logprobs = torch.log_softmax(scaled, dim=-1)
-    probs = logprobs.exp()
+    probs = probs_from_logprobs_(logprobs.clone())  # p < e^-60 is 0: never drawn either way
     if params.top_k is not None and params.top_k < scaled.shape[-1]:
         kth = torch.topk(scaled, params.top_k, dim=-1).values[:, -1:]
         probs = probs.masked_fill(scaled < kth, 0.0)
