@@ -65,6 +65,7 @@ from _common import REPO, RESULTS, environment, mean_ci95  # benchmarks/ is on s
 
 sys.path.insert(0, str(REPO))
 from polopt.losses import BUILTIN_LOSSES  # noqa: E402
+from polopt.prompts import DEFAULT_TEMPLATE  # noqa: E402
 
 ALL_LOSSES = list(BUILTIN_LOSSES)
 # Per-step metrics that show how far each update went off-policy; a loss logs those it defines.
@@ -362,7 +363,7 @@ def task_settings(config: str, extra: list[str]) -> dict:
     return {
         "model_dir": cfg.model_dir,
         "source": v.source,
-        "template": v.get("template") or cfg.dataset.get("template") or "{question}",
+        "template": v.get("template") or cfg.dataset.get("template") or DEFAULT_TEMPLATE,
         "max_questions": v.get("max_questions"),
         "k": v.get("k", 1),
         "temperature": v.get("temperature", 1.0),

@@ -177,9 +177,11 @@ DAPO_TEMPLATE = (
     'Remember to put your answer on its own line after "Answer:".'
 )
 
+DEFAULT_TEMPLATE = "{question}"  # the question as it is: what every template setting defaults to
+
 PROMPT_TEMPLATES: dict[str, str | ChatPrompt] = {
     # plain-text continuation prompts (base models, the tiny arithmetic model)
-    "plain": "{question}",
+    "plain": DEFAULT_TEMPLATE,
     "qwen_boxed": "{question}\n" + QWEN_BOXED_SUFFIX,
     "dapo": DAPO_TEMPLATE,  # score with MathVerifier(answer_format="answer_line")
     # through the tokenizer's chat template: user turn, then an open assistant turn
@@ -264,7 +266,7 @@ class PromptDataset(torch.utils.data.Dataset):
         rows: Sequence[dict],
         tokenizer,
         *,
-        template: str | ChatPrompt = "{question}",
+        template: str | ChatPrompt = DEFAULT_TEMPLATE,
         max_prompt_tokens: Optional[int] = None,
         on_too_long: str = "drop",
         config_section: str = "",
@@ -369,7 +371,7 @@ def prompt_dataset(
     split: str = "train",
     question_field: str = "question",
     answer_field: str = "answer",
-    template: str | ChatPrompt = "{question}",
+    template: str | ChatPrompt = DEFAULT_TEMPLATE,
     max_prompt_tokens: Optional[int] = None,
     on_too_long: str = "drop",
     config_section: str = "dataset",

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torchtune.config._utils import _get_component_from_path
 
 from polopt.errors import ConfigError, UserError  # noqa: F401 - re-exported: the recipes raise ConfigError
-from polopt.prompts import TOO_LONG_POLICIES
+from polopt.prompts import DEFAULT_TEMPLATE, TOO_LONG_POLICIES
 
 
 _NUMBER = (int, float)
@@ -126,8 +126,9 @@ EVAL_SCHEMA: dict[str, Any] = {
     "device": (str, "cpu"),
     "dtype": (str, "fp32"),
     "datasets": (list, None),
-    "template": (str, "{question}"),
+    "template": (str, DEFAULT_TEMPLATE),
     "k": (int, 1),
+    "pass_k": (list, []),  # unbiased pass@j for each j (recipes/evaluate.py)
     "temperature": (_NUMBER, 1.0),
     "top_p": (_NUMBER, 1.0),
     "top_k": (_OPTIONAL_INT, None),
@@ -293,14 +294,13 @@ def import_loss_modules(modules) -> None:
 
 
 def _check_loss_args(cfg: DictConfig) -> None:
-    from polopt.losses import list_losses
-    from polopt.losses.registry import _REGISTRY, hparam_names
+    from polopt.losses import list_losses, loss_hparams
 
     hint = "; a loss of your own: decorate it with @register_loss(name) and list its module in loss_modules"
-    if cfg.loss not in _REGISTRY:
+    if cfg.loss not in list_losses():
         raise ConfigError(f"unknown loss={cfg.loss!r}; registered losses: {', '.join(list_losses())}{hint}", "loss")
     for name, section in cfg.loss_args.items():
-        if name not in _REGISTRY:
+        if name not in list_losses():
             raise ConfigError(
                 f"unknown config key 'loss_args.{name}': {name!r} is not a registered loss "
                 f"({', '.join(list_losses())}){hint}", f"loss_args.{name}"
@@ -310,7 +310,7 @@ def _check_loss_args(cfg: DictConfig) -> None:
         if not isinstance(section, (dict, DictConfig)):
             raise ConfigError(f"config key 'loss_args.{name}' must map {name}'s hyperparameters to values, got {section!r}",
                               f"loss_args.{name}")
-        accepted = hparam_names(_REGISTRY[name])
+        accepted = loss_hparams(name)
         for key in section:
             if key not in accepted:
                 raise ConfigError(
@@ -341,7 +341,26 @@ def validate_eval_config(cfg: DictConfig) -> DictConfig:
             _at_least(entry.k, 1, f"datasets[{i}].k")
         entries.append(entry)
     cfg.datasets = entries
+    cfg.pass_k = _checked_pass_k(cfg)
     return cfg
+
+
+def _checked_pass_k(cfg: DictConfig) -> list[int]:
+    """`pass_k` as a sorted list of distinct ints, each >= 1 and <= every dataset's k (samples per
+    question: pass@j needs j samples); a ConfigError naming the key otherwise."""
+    items = list(cfg.pass_k)
+    if any(isinstance(j, bool) or not isinstance(j, int) or j < 1 for j in items):
+        raise ConfigError(f"config key 'pass_k' must be a list of integers >= 1 (e.g. [1, 4, 16]), got {items!r}",
+                          "pass_k")
+    for i, entry in enumerate(cfg.datasets):
+        samples = int(entry.k or cfg.k)
+        too_big = [j for j in items if j > samples]
+        if too_big:
+            where = f"datasets[{i}] ({entry.name or entry.source})"
+            raise ConfigError(f"config key 'pass_k' asks for pass@{max(too_big)} but {where} samples k={samples} "
+                              f"answers per question; each pass_k entry must be <= k: raise k or drop "
+                              f"{', '.join(map(str, too_big))} from pass_k", "pass_k")
+    return sorted(set(items))
 
 
 def locate_key(config_path: str | Path, dotted: str) -> Optional[int]:
@@ -414,15 +433,14 @@ def resume_config_changes(saved_path: str | Path, new: DictConfig) -> list[str]:
 def _loss_hparams(loss: str, section: Any) -> Any:
     """{hyperparameter: value} of `loss` built from a `loss_args` section (the section itself if the
     loss cannot be built here, e.g. a module of the saved run that is not imported)."""
-    from polopt.losses import get_loss
-    from polopt.losses.registry import _REGISTRY, hparam_names
+    from polopt.losses import get_loss, loss_hparams
 
     kwargs = _plain(section) or {}
     try:
         built = get_loss(loss, **kwargs)
     except (KeyError, ValueError, TypeError):
         return section
-    return {name: _plain(getattr(built, name, None)) for name in sorted(hparam_names(_REGISTRY[loss]))}
+    return {name: _plain(getattr(built, name, None)) for name in sorted(loss_hparams(loss))}
 
 
 def _plain(value: Any) -> Any:

@@ -29,7 +29,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torchtune import config, training, utils
 from torchtune.config._utils import _get_component_from_path
 
@@ -42,33 +42,12 @@ from polopt.rollout import SamplingParams
 
 log = utils.get_logger("INFO")
 
-def check_pass_k(value, cfg: DictConfig) -> list[int]:
-    """`pass_k` as a sorted list of distinct ints, each >= 1 and <= every dataset's k (samples per
-    question); a ConfigError naming the key otherwise. (`pass_k` is read here, not in
-    polopt.recipe_config's EVAL_SCHEMA.)"""
-    if value is None:
-        return []
-    items = list(value) if isinstance(value, (ListConfig, list, tuple)) else None
-    if items is None or any(isinstance(j, bool) or not isinstance(j, int) or j < 1 for j in items):
-        raise ConfigError(f"config key 'pass_k' must be a list of integers >= 1 (e.g. [1, 4, 16]), got {value!r}",
-                          "pass_k")
-    for i, entry in enumerate(cfg.datasets):
-        samples = int(entry.k or cfg.k)
-        too_big = [j for j in items if j > samples]
-        if too_big:
-            where = f"datasets[{i}] ({entry.name or entry.source})"
-            raise ConfigError(f"config key 'pass_k' asks for pass@{max(too_big)} but {where} samples k={samples} "
-                              f"answers per question; each pass_k entry must be <= k: raise k or drop "
-                              f"{', '.join(map(str, too_big))} from pass_k", "pass_k")
-    return sorted(set(items))
-
 
 class EvaluateRecipe:
     def __init__(self, cfg: DictConfig) -> None:
         OmegaConf.set_struct(cfg, False)
-        pass_k = cfg.pop("pass_k", None)
         self.cfg = cfg = validate_eval_config(cfg)
-        self.pass_k = check_pass_k(pass_k, cfg)
+        self.pass_k = list(cfg.pass_k)
         out = Path(cfg.output_dir)
         if (out / "eval.json").exists() and not cfg.overwrite:
             raise ConfigError(f"output_dir={out} already holds an eval.json; set overwrite=true to replace it, "

@@ -55,10 +55,10 @@ from polopt.checkpoint import (
 )
 from polopt.errors import UserError
 from polopt.evaluation import evaluate_prompts, merge_counts
-from polopt.losses import get_loss, global_normalizer
+from polopt.losses import get_loss, global_normalizer, loss_hparams
 from polopt.metrics import MetricSums
 from polopt.policy import response_logprobs
-from polopt.prompts import PromptStream, prompt_dataset
+from polopt.prompts import DEFAULT_TEMPLATE, PromptStream, prompt_dataset
 from polopt.recipe_config import ConfigError, describe_user_error, resume_config_changes, validate_config
 from polopt.rollout import SamplingParams
 from polopt.rollout.correction import RolloutCorrection
@@ -189,11 +189,12 @@ class OnlineRLRecipe(FTRecipeInterface):
         `@register_loss` classes) and checked `loss_args` against the registered signatures."""
         section = cfg.loss_args.get(cfg.loss)
         kwargs = OmegaConf.to_container(section, resolve=True) if section is not None else {}
+        if "max_response_len" in loss_hparams(cfg.loss):
+            # L of seq-mean-token-sum-norm (Dr.GRPO's B·L) must be a constant of the run, not the
+            # longest answer of each batch and rank; other aggregations do not read it.
+            kwargs.setdefault("max_response_len", cfg.rollout.max_new_tokens)
         try:
             loss_fn = get_loss(cfg.loss, **kwargs)
-            if loss_fn.normalizer_kind == "sequences_x_horizon" and loss_fn.max_response_len is None:
-                # Dr.GRPO's L must be a constant of the run, not the longest answer of each batch/rank.
-                loss_fn = get_loss(cfg.loss, **kwargs, max_response_len=cfg.rollout.max_new_tokens)
         except (KeyError, ValueError, TypeError) as e:
             raise ConfigError(f"loss={cfg.loss} with loss_args.{cfg.loss}={kwargs}: {e}", f"loss_args.{cfg.loss}") from e
         if getattr(loss_fn, "kl_coef", 0.0) > 0:
@@ -277,7 +278,7 @@ class OnlineRLRecipe(FTRecipeInterface):
             return []
         dataset = prompt_dataset(
             self.tokenizer, v.source, split=v.split, question_field=v.question_field, answer_field=v.answer_field,
-            template=v.template or cfg.dataset.get("template", "{question}"), max_prompt_tokens=v.max_prompt_tokens,
+            template=v.template or cfg.dataset.get("template", DEFAULT_TEMPLATE), max_prompt_tokens=v.max_prompt_tokens,
             on_too_long=v.on_too_long, config_section="validation",
         )
         max_new_tokens_key = "validation.max_new_tokens" if v.max_new_tokens else "rollout.max_new_tokens"

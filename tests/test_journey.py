@@ -329,7 +329,7 @@ EVAL_ERRORS = {
     "k below 1": (["k=0"], ["'k' must be >= 1"]),
     # configs/evaluate.yaml asks for pass@1/4/16
     "pass_k above k": (["k=4"], ["'pass_k' asks for pass@16", "k=4", "drop 16 from pass_k"]),
-    "pass_k not a list": (["pass_k=4"], ["'pass_k' must be a list of integers >= 1"]),
+    "pass_k not a list": (["pass_k=4"], ["'pass_k' must be a list"]),
     "pass_k below 1": (["pass_k=[0,1]"], ["'pass_k' must be a list of integers >= 1"]),
 }
 

@@ -14,7 +14,7 @@ from polopt.losses.base import LossOutput, PolicyLoss, TokenLevelLoss
 from polopt.losses.group_stats import group_correct_rate
 from polopt.losses.inputs import LossInputs
 from polopt.losses.ratios import RATIO_LEVELS
-from polopt.losses.registry import get_loss, list_losses, register_loss
+from polopt.losses.registry import get_loss, list_losses, loss_hparams, register_loss
 
 # Importing the loss modules registers them.
 from polopt.losses.nft import NFTLoss
@@ -51,5 +51,6 @@ __all__ = [
     "global_normalizer",
     "group_correct_rate",
     "list_losses",
+    "loss_hparams",
     "register_loss",
 ]

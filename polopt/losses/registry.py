@@ -1,4 +1,4 @@
-"""Registry of losses by name: `register_loss`, `get_loss`, `list_losses`."""
+"""Registry of losses by name: `register_loss`, `get_loss`, `list_losses`, `loss_hparams`."""
 
 from __future__ import annotations
 
@@ -31,13 +31,17 @@ def list_losses(registration_order: bool = False) -> list[str]:
     return list(_REGISTRY) if registration_order else sorted(_REGISTRY)
 
 
-def get_loss(name: str, **hparams) -> PolicyLoss:
-    """An instance of the loss registered as `name`, built with `hparams` (checked at construction)."""
+def loss_hparams(name: str) -> list[str]:
+    """The hyperparameter names the loss registered as `name` accepts (its constructor's)."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown loss {name!r}; registered losses: {', '.join(list_losses())}")
-    cls = _REGISTRY[name]
-    accepted = hparam_names(cls)
+    return hparam_names(_REGISTRY[name])
+
+
+def get_loss(name: str, **hparams) -> PolicyLoss:
+    """An instance of the loss registered as `name`, built with `hparams` (checked at construction)."""
+    accepted = loss_hparams(name)
     unknown = sorted(set(hparams) - set(accepted))
     if unknown:
         raise TypeError(f"loss {name!r} got unknown hyperparameter(s) {unknown}; accepted: {', '.join(accepted)}")
-    return cls(**hparams)
+    return _REGISTRY[name](**hparams)
