@@ -11,8 +11,10 @@ their gradients agree) — and the same reward function, polopt's MathVerifier (
 polopt runs with the dynamic-sampling filter off (`filter.enabled=false`), so both sides generate
 exactly 128 answers a step and train on all of them.
 
-Each side runs in its own process (`tune run` for polopt; a GRPOTrainer for TRL), alternating
-which goes first in each round so that a slow spell of the machine hits both alike. A step is
+Three sides: polopt's recipe as configured, the same with `pack_sequences=true` (the update on
+polopt/packing.py's layout), and TRL. Each runs in its own process (`tune run` for polopt; a
+GRPOTrainer for TRL), rotating which goes first in each round so that a slow spell of the machine
+hits all alike. A step is
 timed from the start of its rollout to the end of its optimiser step: polopt's `time/step_s`
 (history.json), TRL's on_step_begin → on_step_end callback. Reported: median seconds per step,
 steps/s and generated tokens/s (answer tokens of the step / step time), and the median ratio
@@ -42,6 +44,9 @@ from _common import REPO, RESULTS, environment  # noqa: E402
 
 ASSETS = REPO / "assets" / "tiny_arith"
 PROMPTS, ANSWERS, NEW_TOKENS, LR, SEED = 16, 8, 48, 1e-4, 0
+# polopt's sides: the default recipe, and the update on the packed layout (polopt/packing.py).
+POLOPT_SIDES = {"polopt": [], "polopt packed": ["pack_sequences=true"]}
+SIDES = (*POLOPT_SIDES, "trl")
 
 
 def polopt_arguments(steps: int, out: Path) -> list[str]:
@@ -159,18 +164,24 @@ def markdown(result: dict) -> str:
         "| side | s / step (median) | steps / s | answer tokens / s | CPU s / step (median) |",
         "|---|---:|---:|---:|---:|",
     ]
-    for side in ("polopt", "trl"):
-        s = result[side]
+    for side in SIDES:
+        s = result["sides"][side]
         lines.append(f"| {side} | {s['seconds_per_step']:.3f} | {s['steps_per_second']:.3f} | "
                      f"{s['answer_tokens_per_second']:.0f} | {s['cpu_seconds_per_step']:.3f} |")
-    ratios = result["round_speedups"]
+    lines += ["", "`polopt packed` is the same recipe with `pack_sequences=true` (the update's forward and backward on "
+              "polopt/packing.py's layout: each prompt once, no padding).", ""]
+    trl_cpu = result["sides"]["trl"]["cpu_seconds_per_step"]
+    for side in POLOPT_SIDES:
+        ratios = result["round_speedups"][side]
+        lines.append(
+            f"- {side} over TRL (TRL s/step ÷ {side} s/step): median {statistics.median(ratios):.2f}× "
+            f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)}); in CPU seconds of the trainer process "
+            f"{trl_cpu / result['sides'][side]['cpu_seconds_per_step']:.2f}×."
+        )
     lines += [
         "",
-        f"Speed-up of polopt over TRL (TRL s/step ÷ polopt s/step): median {result['speedup']:.2f}× "
-        f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)}).",
-        f"In CPU seconds of the trainer process (`time.process_time`: what a busy machine does not inflate; the "
-        f"verifier's worker processes are not in it, and both sides use the same MathVerifier): "
-        f"{result['trl']['cpu_seconds_per_step'] / result['polopt']['cpu_seconds_per_step']:.2f}×.",
+        "CPU seconds are `time.process_time` of the trainer process (what a busy machine does not inflate; the "
+        "verifier's worker processes are not in it, and every side uses the same MathVerifier).",
         "",
     ]
     if result.get("note"):
@@ -195,22 +206,27 @@ def main() -> None:
     import transformers
     import trl
 
-    runs = {"polopt": [], "trl": []}
-    round_speedups = []
+    runs: dict[str, list[dict]] = {side: [] for side in SIDES}
+    round_speedups: dict[str, list[float]] = {side: [] for side in POLOPT_SIDES}
     for r in range(args.rounds):
-        order = ("polopt", "trl") if r % 2 == 0 else ("trl", "polopt")
+        order = SIDES[r % len(SIDES):] + SIDES[: r % len(SIDES)]  # who goes first rotates
         this_round = {}
         for side in order:
-            steps = (polopt_steps if side == "polopt" else trl_steps)(args.steps, args.threads)[1:]
+            if side == "trl":
+                steps = trl_steps(args.steps, args.threads)[1:]
+            else:
+                steps = polopt_steps(args.steps, args.threads, POLOPT_SIDES[side])[1:]
             this_round[side] = summarise(steps)["seconds_per_step"]
             runs[side] += steps
-            print(f"round {r}: {side:6s} {this_round[side]:.3f} s/step", flush=True)
-        round_speedups.append(this_round["trl"] / this_round["polopt"])
+            print(f"round {r}: {side:13s} {this_round[side]:.3f} s/step", flush=True)
+        for side in POLOPT_SIDES:
+            round_speedups[side].append(this_round["trl"] / this_round[side])
     result = {
         "env": environment("cpu"), "trl_version": trl.__version__, "transformers_version": transformers.__version__,
         "rounds": args.rounds, "steps": args.steps, "threads": args.threads,
-        "polopt": summarise(runs["polopt"]), "trl": summarise(runs["trl"]),
-        "round_speedups": round_speedups, "speedup": statistics.median(round_speedups), "note": args.note,
+        "sides": {side: summarise(runs[side]) for side in SIDES},
+        "round_speedups": round_speedups,
+        "speedup": {side: statistics.median(r) for side, r in round_speedups.items()}, "note": args.note,
         "raw": runs,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,5 @@
 """response_logprobs under FSDP2 on 2 ranks (gloo) gives the log-probs and gradients of the plain
-unsharded model on 1 process, fused and materialised, tied and untied output weights.
+unsharded model on 1 process, fused, materialised and packed, tied and untied output weights.
 
 The output weight is a sharded DTensor outside its module's forward; the fused path projects
 inside that forward, so FSDP gathers it and reduce-scatters its gradient. A wrong gradient route
@@ -25,11 +25,13 @@ fsdp_script = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fsdp_script)
 
 
-def unsharded_reference(tied: bool, fused: bool) -> dict:
-    """The same computation on one process without FSDP: all rows, world size 1."""
+def unsharded_reference(tied: bool, path: str) -> dict:
+    """The same computation on one process without FSDP: all rows, world size 1, padded layout
+    (so the packed path is checked against the plain one too)."""
     model = fsdp_script.build(tied)
     batch = fsdp_script.fixed_batch()
-    logprobs, entropy = fsdp_script.logprobs_and_backward(model, batch, torch.arange(len(batch)), 1, fused)
+    plain = "fused" if path == "packed" else path
+    logprobs, entropy = fsdp_script.logprobs_and_backward(model, batch, torch.arange(len(batch)), 1, plain)
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return {"logprobs": logprobs, "entropy": entropy, "grads": grads}
 
@@ -43,14 +45,14 @@ def two_ranks(tmp_path_factory) -> dict:
     return torch.load(out)
 
 
-CASES = [(variant, fused) for variant, (_, _, paths) in fsdp_script.VARIANTS.items() for fused in paths]
+CASES = [(variant, path) for variant, (_, _, paths) in fsdp_script.VARIANTS.items() for path in paths]
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("variant, fused", CASES)
-def test_two_ranks_match_unsharded_one_process(two_ranks, variant, fused):
+@pytest.mark.parametrize("variant, path", CASES)
+def test_two_ranks_match_unsharded_one_process(two_ranks, variant, path):
     tied = fsdp_script.VARIANTS[variant][0]
-    sharded, ref = two_ranks[(variant, fused)], unsharded_reference(tied, fused)
+    sharded, ref = two_ranks[(variant, path)], unsharded_reference(tied, path)
     mask = fsdp_script.fixed_batch().response_mask
     torch.testing.assert_close(sharded["logprobs"][mask], ref["logprobs"][mask], rtol=0, atol=1e-5)
     torch.testing.assert_close(sharded["entropy"][mask], ref["entropy"][mask], rtol=0, atol=1e-5)

@@ -3,7 +3,7 @@
     torchrun --nproc_per_node N tests/scripts/logprobs_fsdp.py OUT.pt
 
 For each model variant (tied / untied output, and the output layer as its own FSDP unit) and each
-path (fused / materialised), rank r takes rows r, r+N, ... of one fixed batch, backpropagates
+path (fused / materialised / packed), rank r takes rows r, r+N, ... of one fixed batch, backpropagates
 world_size · Σ upstream·logprobs (FSDP averages gradients over ranks, so the sum over ranks is the
 1-rank gradient), and rank 0 saves every row's log-probs and entropy and the full gradients.
 """
@@ -19,14 +19,15 @@ from torchtune.models.qwen2 import qwen2
 from polopt.batch import Completion, PromptGroup, RolloutBatch
 from polopt.policy import response_logprobs
 
-# (tied, modules sharded as their own FSDP unit besides the layers, paths run). The recipe's
-# sharding is the first two. torchtune's own TiedLinear cannot run when tok_embeddings is its own
-# unit (it multiplies by the sharded DTensor): only the fused path runs there.
+# (tied, modules sharded as their own FSDP unit besides the layers, paths run); a path is "fused",
+# "materialised" or "packed" (fused on polopt.packing's layout). The recipe's sharding is the
+# first two. torchtune's own TiedLinear cannot run when tok_embeddings is its own unit (it
+# multiplies by the sharded DTensor): only the fused paths run there.
 VARIANTS = {
-    "tied": (True, None, (True, False)),
-    "untied": (False, None, (True, False)),
-    "untied_output_own_unit": (False, ["output"], (True, False)),
-    "tied_embeddings_own_unit": (True, ["tok_embeddings"], (True,)),
+    "tied": (True, None, ("fused", "materialised", "packed")),
+    "untied": (False, None, ("fused", "materialised")),
+    "untied_output_own_unit": (False, ["output"], ("fused", "materialised", "packed")),
+    "tied_embeddings_own_unit": (True, ["tok_embeddings"], ("fused",)),
 }
 
 
@@ -58,10 +59,11 @@ def upstream_grad(batch: RolloutBatch) -> torch.Tensor:
     return torch.linspace(-1.0, 2.0, batch.response_mask.numel()).view_as(batch.response_mask) * batch.response_mask
 
 
-def logprobs_and_backward(model, batch: RolloutBatch, rows: torch.Tensor, world: int, fused: bool):
+def logprobs_and_backward(model, batch: RolloutBatch, rows: torch.Tensor, world: int, path: str):
     """This rank's rows: log-probs and entropy; gradients land in model's .grad."""
     model.zero_grad(set_to_none=True)
-    logprobs, entropy = response_logprobs(model, batch.select(rows), temperature=0.8, fused=fused, chunk_size=5, return_entropy=True)
+    logprobs, entropy = response_logprobs(model, batch.select(rows), temperature=0.8, fused=path != "materialised",
+                                          pack=path == "packed", chunk_size=5, return_entropy=True)
     (world * (logprobs * upstream_grad(batch)[rows]).sum()).backward()
     return logprobs.detach(), entropy
 
@@ -81,8 +83,8 @@ def main() -> None:
         model = build(tied)
         training.shard_model(model, [partial(training.get_shard_conditions, names_to_match=own_unit)],
                              cpu_offload=False, reshard_after_forward=True)
-        for fused in paths:
-            logprobs, entropy = logprobs_and_backward(model, batch, rows, world, fused)
+        for path in paths:
+            logprobs, entropy = logprobs_and_backward(model, batch, rows, world, path)
             gathered = [None] * world
             dist.all_gather_object(gathered, (rows, logprobs, entropy))
             all_logprobs = torch.zeros(batch.response_mask.shape)
@@ -90,7 +92,7 @@ def main() -> None:
             for r, lp, ent in gathered:
                 all_logprobs[r], all_entropy[r] = lp, ent
             grads = {n: full(p.grad).clone() for n, p in model.named_parameters() if p.grad is not None}
-            results[(variant, fused)] = {"logprobs": all_logprobs, "entropy": all_entropy, "grads": grads}
+            results[(variant, path)] = {"logprobs": all_logprobs, "entropy": all_entropy, "grads": grads}
     if rank == 0:
         torch.save(results, out_path)
     dist.barrier()  # without it gloo teardown aborts now and then (docs/design.md, toolchain facts)
