@@ -44,8 +44,10 @@ class PackedRows:
 def pack_groups(batch: RolloutBatch, max_row_tokens: int, pad_id: int = 0) -> PackedRows:
     """The packed layout of `batch` (see the module docstring), rows at most `max_row_tokens` long."""
     P, T = batch.prompt_len, batch.response_len
-    prompt_lens = batch.attention_mask[:, :P].sum(1).tolist()
-    response_lens = batch.attention_mask[:, P:].sum(1).tolist()
+    device = batch.input_ids.device
+    ids, attention_mask = batch.input_ids.cpu(), batch.attention_mask.cpu()  # built on CPU, moved once
+    prompt_lens = attention_mask[:, :P].sum(1).tolist()
+    response_lens = attention_mask[:, P:].sum(1).tolist()
     members: dict[int, list[int]] = {}
     for b, g in enumerate(batch.group_ids.tolist()):
         members.setdefault(g, []).append(b)
@@ -57,7 +59,7 @@ def pack_groups(batch: RolloutBatch, max_row_tokens: int, pad_id: int = 0) -> Pa
     t = torch.arange(T)
     for g, bs in members.items():
         p = prompt_lens[bs[0]]
-        prompt = batch.input_ids[bs[0], P - p : P]
+        prompt = ids[bs[0], P - p : P]
         if p + max(response_lens[b] for b in bs) > max_row_tokens:
             raise ValueError(
                 f"pack_groups: group {g} needs rows of {p + max(response_lens[b] for b in bs)} tokens "
@@ -65,7 +67,7 @@ def pack_groups(batch: RolloutBatch, max_row_tokens: int, pad_id: int = 0) -> Pa
             )
         used = None  # tokens in the group's current row; None before its first row
         for b in bs:
-            if prompt_lens[b] != p or not torch.equal(batch.input_ids[b, P - p : P], prompt):
+            if prompt_lens[b] != p or not torch.equal(ids[b, P - p : P], prompt):
                 raise ValueError(f"pack_groups: row {b} of group {g} has a different prompt from row {bs[0]}")
             n = response_lens[b]
             if used is None or used + n > max_row_tokens:
@@ -73,7 +75,7 @@ def pack_groups(batch: RolloutBatch, max_row_tokens: int, pad_id: int = 0) -> Pa
                 row_segments.append([p])
                 used = p
             start = used
-            row_tokens[-1].append(batch.input_ids[b, P : P + n])
+            row_tokens[-1].append(ids[b, P : P + n])
             row_segments[-1].append(n)
             used += n
             rows[b] = len(row_tokens) - 1
@@ -95,6 +97,4 @@ def pack_groups(batch: RolloutBatch, max_row_tokens: int, pad_id: int = 0) -> Pa
     causal = torch.ones(L, L, dtype=torch.bool).tril()
     mask = causal & (query >= 0) & ((key == query) | (key == 0))
     mask |= torch.eye(L, dtype=torch.bool)  # padding attends to itself (no empty softmax row)
-    return PackedRows(input_ids.to(batch.input_ids.device), mask.to(batch.input_ids.device),
-                      input_pos.to(batch.input_ids.device), rows.to(batch.input_ids.device),
-                      positions.to(batch.input_ids.device))
+    return PackedRows(*(x.to(device) for x in (input_ids, mask, input_pos, rows, positions)))
