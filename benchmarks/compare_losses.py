@@ -10,7 +10,7 @@
         validation.max_questions=100                         # off-policy regime (issue 16):
                                                              # 4 and 8 optimiser steps per rollout
     python benchmarks/compare_losses.py --config configs/tiny_arith_hard.yaml --name compare_losses_hard \\
-        --num-minibatches 4 --seeds 0 1 2 3 4 --max-steps 40 validation.max_questions=100   # the hard task
+        --num-minibatches 4 8 --seeds 0 1 2 3 4 --max-steps 40 validation.max_questions=100   # the hard task
 
 Each run is `tune run recipes/online_rl_distributed.py --config <config> loss=<name> seed=<s> ...`
 in its own process with identical overrides apart from the loss (each loss keeps the defaults of
