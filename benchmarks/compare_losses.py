@@ -26,8 +26,8 @@ with `--eval-k` samples per question (16) at the validation temperature and answ
 avg@16 and the unbiased pass@1/4/16. The base model is evaluated the same way once. A run whose
 summary.json (training) or eval/eval.json (evaluation) exists is reused, so an interrupted
 invocation continues where it stopped (`--reuse-results benchmarks/results/<name>.json` reuses the
-runs of a committed report whose runs directory is gone, where the command is identical); runs go seed by seed so that partial results are balanced,
-and `--max-new-runs N` trains at most N runs and reports every finished one (to take turns between
+runs of a committed report whose runs directory is gone, where the command is identical); runs go
+seed by seed so that partial results are balanced, and `--max-new-runs N` trains at most N runs and reports every finished one (to take turns between
 two comparisons on one machine; `--max-new-runs 0` only rewrites the report).
 
 Reads each run's history.json and eval.json and writes, after every run,
@@ -108,12 +108,6 @@ def evaluate_model(model_dir: Path, out: Path, task: dict, k: int, log_path: Pat
                                          *(f"pass@{j}" for j in PASS_K if j <= k))}
 
 
-def train_command(config: str, out: Path, overrides: list[str]) -> list[str]:
-    """The `tune run` arguments of one training run (after the recipe path)."""
-    return ["--config", config, f"output_dir={out}", "save_final_model=true", "checkpoint_every_n_steps=null",
-            *overrides]
-
-
 def _without_output_dir(command: str) -> list[str]:
     return [a for a in shlex.split(command) if not a.startswith("output_dir=")]
 
@@ -131,14 +125,13 @@ def previous_runs(path: Optional[Path]) -> dict[str, dict]:
 def run_one(tag: str, config: str, overrides: list[str], runs_dir: Path, log_dir: Path, task: dict, k: int,
             previous: Optional[dict] = None) -> dict:
     out = runs_dir / tag
-    command = train_command(config, out, overrides)
-    shown = "tune run recipes/online_rl_distributed.py " + shlex.join(command)
-    if (previous is not None and not (out / "summary.json").exists() and previous["eval"]["k"] == k
+    train_overrides = [f"output_dir={out}", "save_final_model=true", "checkpoint_every_n_steps=null", *overrides]
+    shown = "tune run recipes/online_rl_distributed.py --config " + shlex.join([config, *train_overrides])
+    trained = not (out / "summary.json").exists()  # else finished in an earlier invocation: reuse it
+    if (trained and previous is not None and previous["eval"]["k"] == k
             and _without_output_dir(previous["command"]) == _without_output_dir(shown)):
         return {**{key: value for key, value in previous.items() if key not in ("seed", "num_minibatches")},
                 "trained_now": False}
-    train_overrides = command[2:]
-    trained = not (out / "summary.json").exists()  # else finished in an earlier invocation: reuse it
     if trained:
         if out.exists():  # an interrupted earlier attempt: start it again
             train_overrides.append("overwrite=true")

@@ -32,8 +32,8 @@ from torchtune.modules import TiedLinear, TransformerDecoder
 from torchtune.modules.common_utils import disable_kv_cache
 
 from polopt.batch import RolloutBatch
-from polopt.packing import pack_groups
 from polopt.ops.token_logprobs import logprobs_from_logits, token_logprobs
+from polopt.packing import pack_groups
 
 __all__ = ["response_logprobs", "output_projection_weight"]
 

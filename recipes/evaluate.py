@@ -47,7 +47,6 @@ class EvaluateRecipe:
     def __init__(self, cfg: DictConfig) -> None:
         OmegaConf.set_struct(cfg, False)
         self.cfg = cfg = validate_eval_config(cfg)
-        self.pass_k = list(cfg.pass_k)
         out = Path(cfg.output_dir)
         if (out / "eval.json").exists() and not cfg.overwrite:
             raise ConfigError(f"output_dir={out} already holds an eval.json; set overwrite=true to replace it, "
@@ -115,7 +114,7 @@ class EvaluateRecipe:
                 batch_size=int(cfg.batch_size), progress=True, desc=name,
             )
             scores["seconds"] = round(time.perf_counter() - start, 2)
-            for j in self.pass_k:
+            for j in self.cfg.pass_k:
                 scores[f"pass@{j}"] = pass_at_k(scores["correct_per_question"], k, j)
             results[name] = {
                 **scores,
@@ -123,7 +122,7 @@ class EvaluateRecipe:
                 "n_dropped_too_long": dataset.num_dropped,
                 "sampling": asdict(params),
             }
-            unbiased = "".join(f", pass@{j} = {scores[f'pass@{j}']:.4f}" for j in self.pass_k)
+            unbiased = "".join(f", pass@{j} = {scores[f'pass@{j}']:.4f}" for j in self.cfg.pass_k)
             log.info(f"{name}: avg@{k} = {scores['avg_at_k']:.4f}, pass@{k} = {scores['pass_at_k']:.4f}{unbiased} "
                      f"({int(scores['n_questions'])} questions)")
         return results
@@ -133,7 +132,7 @@ class EvaluateRecipe:
         out.mkdir(parents=True, exist_ok=True)
         payload = {"model_dir": str(self.cfg.get("model_dir")), "datasets": results}
         (out / "eval.json").write_text(json.dumps(payload, indent=2))
-        extra = [f"pass@{j}" for j in self.pass_k]
+        extra = [f"pass@{j}" for j in self.cfg.pass_k]
         lines = ["| dataset | n | k | avg@k | pass@k (solved in k) |" + "".join(f" {c} |" for c in extra),
                  "|---|---:|---:|---:|---:|" + "---:|" * len(extra)]
         for name, r in results.items():
