@@ -8,6 +8,7 @@ script's own folder is first on sys.path.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import shlex
@@ -40,6 +41,14 @@ def environment(device: str) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python " + shlex.join([str(script.relative_to(REPO)) if script.is_absolute() else str(script), *sys.argv[1:]]),
     }
+
+
+def write_results(name: str, result: dict, markdown: str) -> None:
+    """benchmarks/results/<name>.json and .md (or under POLOPT_BENCH_RESULTS); prints the markdown."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (RESULTS / f"{name}.md").write_text(markdown.rstrip("\n") + "\n")
+    print(markdown)
 
 
 def synchronize(device: str) -> None:

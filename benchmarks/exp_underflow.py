@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import time
 
 import torch
 
-from _common import RESULTS, environment
+from _common import environment, write_results
 
 
 def cpu_ms(fn, repeats: int = 5) -> float:
@@ -100,10 +99,7 @@ def main() -> None:
           for k, v in op.items()),
         "",
     ]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (RESULTS / f"{args.name}.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_results(args.name, result, "\n".join(lines))
 
 
 if __name__ == "__main__":

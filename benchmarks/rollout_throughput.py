@@ -41,7 +41,7 @@ import tempfile
 import time
 
 import torch
-from _common import REPO, RESULTS, environment, synchronize  # benchmarks/ is on sys.path when run as a script
+from _common import REPO, environment, synchronize, write_results  # benchmarks/ is on sys.path when run as a script
 TINY_ARITH_DIR = REPO / "assets" / "tiny_arith"
 
 
@@ -336,10 +336,7 @@ def main() -> None:
         args.name = "rollout_throughput_tiny_arith" if trained else "rollout_throughput"
     torch.set_num_threads(args.threads)
     run = measure(args)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(run, indent=2) + "\n")
-    (RESULTS / f"{args.name}.md").write_text(markdown(run))
-    print(f"wrote {RESULTS / (args.name + '.md')}")
+    write_results(args.name, run, markdown(run))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, RESULTS, environment  # noqa: E402
+from _common import REPO, environment, write_results  # noqa: E402
 from step_vs_trl import ANSWERS, NEW_TOKENS, PROMPTS, polopt_arguments  # noqa: E402 - the same step
 
 PHASES = {  # phase -> (file suffix, function name) as cProfile records them
@@ -48,7 +48,8 @@ PHASES = {  # phase -> (file suffix, function name) as cProfile records them
 }
 
 
-def run(steps: int, threads: int, out: Path, overrides: list[str]) -> tuple[pstats.Stats, float, list[dict]]:
+def load_recipe(threads: int):
+    """The recipe module, imported in this process with `threads` torch threads."""
     os.environ["OMP_NUM_THREADS"] = str(threads)
     import torch
 
@@ -57,6 +58,25 @@ def run(steps: int, threads: int, out: Path, overrides: list[str]) -> tuple[psta
     os.chdir(REPO)
     import importlib.util
 
+    spec = importlib.util.spec_from_file_location("recipe", REPO / "recipes" / "online_rl_distributed.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    return recipe
+
+
+def run_recipe(recipe, steps: int, out: Path, overrides: list[str]) -> list[dict]:
+    """step_vs_trl's step for `steps` steps through `recipe.recipe_main`; returns history.json."""
+    sys.argv = ["recipes/online_rl_distributed.py", *polopt_arguments(steps, out), *overrides]
+    try:
+        recipe.recipe_main()
+    except SystemExit as e:
+        if e.code:
+            raise
+    return json.loads((out / "history.json").read_text())
+
+
+def run(steps: int, threads: int, out: Path, overrides: list[str]) -> tuple[pstats.Stats, float, list[dict]]:
+    recipe = load_recipe(threads)
     from polopt.verify import MathVerifier
 
     verify_wall = [0.0]
@@ -70,19 +90,10 @@ def run(steps: int, threads: int, out: Path, overrides: list[str]) -> tuple[psta
             verify_wall[0] += time.perf_counter() - start
 
     MathVerifier.__call__ = timed_call
-    spec = importlib.util.spec_from_file_location("recipe", REPO / "recipes" / "online_rl_distributed.py")
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
-    sys.argv = ["recipes/online_rl_distributed.py", *polopt_arguments(steps, out), *overrides]
     profiler = cProfile.Profile(timer=time.process_time)
     profiler.enable()
-    try:
-        recipe.recipe_main()
-    except SystemExit as e:
-        if e.code:
-            raise
+    history = run_recipe(recipe, steps, out, overrides)
     profiler.disable()
-    history = json.loads((out / "history.json").read_text())
     return pstats.Stats(profiler), verify_wall[0], history
 
 
@@ -153,10 +164,7 @@ def main() -> None:
         "(`MathVerifier.__call__`, including answers decided in the parent).",
         f"Wall seconds per step (median after the first): {result['wall_seconds_per_step_median_after_first']:.3f}.",
     ]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1))
-    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.name, result, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, RESULTS, environment  # noqa: E402
+from _common import REPO, environment, write_results  # noqa: E402
 
 ASSETS = REPO / "assets" / "tiny_arith"
 PROMPTS, ANSWERS, NEW_TOKENS, LR, SEED = 16, 8, 48, 1e-4, 0
@@ -89,12 +89,12 @@ def trl_steps(steps: int, threads: int) -> list[dict]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def trl_worker(steps: int, threads: int) -> None:
-    import time
-
+def trl_trainer(steps: int, threads: int, callbacks: list, output_dir: str):
+    """TRL's GRPOTrainer set up for this step (the same model, prompts, reward and loss); returns
+    (trainer, verifier): the caller trains, then closes the verifier."""
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
     from polopt.prompts import load_rows
@@ -108,6 +108,33 @@ def trl_worker(steps: int, threads: int) -> None:
     def math_reward(completions, answer, **_):
         return verifier(list(completions), list(answer))
 
+    args = GRPOConfig(
+        output_dir=output_dir, per_device_train_batch_size=PROMPTS * ANSWERS, num_generations=ANSWERS,
+        max_completion_length=NEW_TOKENS, temperature=1.0, learning_rate=LR, lr_scheduler_type="constant",
+        warmup_steps=0, max_grad_norm=1.0, adam_beta1=0.9, adam_beta2=0.999, weight_decay=0.0,
+        loss_type="dr_grpo", scale_rewards="none", beta=0.0, num_iterations=1, gradient_accumulation_steps=1,
+        max_steps=steps, seed=SEED, use_cpu=True, bf16=False, report_to="none", save_strategy="no",
+        logging_steps=1, disable_tqdm=True, dataloader_num_workers=0,
+    )
+    trainer = GRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(ASSETS, dtype=torch.float32),
+        reward_funcs=math_reward, args=args, train_dataset=dataset,
+        processing_class=AutoTokenizer.from_pretrained(ASSETS), callbacks=callbacks,
+    )
+    return trainer, verifier
+
+
+def trl_answer_tokens(trainer) -> list[float]:
+    """Answer tokens of each logged step (TRL logs the mean completion length)."""
+    return [e["completions/mean_length"] * PROMPTS * ANSWERS for e in trainer.state.log_history
+            if "completions/mean_length" in e]
+
+
+def trl_worker(steps: int, threads: int) -> None:
+    import time
+
+    from transformers import TrainerCallback
+
     class StepTimer(TrainerCallback):
         def __init__(self):
             self.steps: list[dict] = []
@@ -120,24 +147,11 @@ def trl_worker(steps: int, threads: int) -> None:
 
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as tmp:
-        args = GRPOConfig(
-            output_dir=tmp, per_device_train_batch_size=PROMPTS * ANSWERS, num_generations=ANSWERS,
-            max_completion_length=NEW_TOKENS, temperature=1.0, learning_rate=LR, lr_scheduler_type="constant",
-            warmup_steps=0, max_grad_norm=1.0, adam_beta1=0.9, adam_beta2=0.999, weight_decay=0.0,
-            loss_type="dr_grpo", scale_rewards="none", beta=0.0, num_iterations=1, gradient_accumulation_steps=1,
-            max_steps=steps, seed=SEED, use_cpu=True, bf16=False, report_to="none", save_strategy="no",
-            logging_steps=1, disable_tqdm=True, dataloader_num_workers=0,
-        )
-        trainer = GRPOTrainer(
-            model=AutoModelForCausalLM.from_pretrained(ASSETS, dtype=torch.float32),
-            reward_funcs=math_reward, args=args, train_dataset=dataset,
-            processing_class=AutoTokenizer.from_pretrained(ASSETS), callbacks=[timer],
-        )
+        trainer, verifier = trl_trainer(steps, threads, [timer], tmp)
         trainer.train()
     verifier.close()
-    lengths = [e["completions/mean_length"] for e in trainer.state.log_history if "completions/mean_length" in e]
-    for step, length in zip(timer.steps, lengths):
-        step["answer_tokens"] = length * PROMPTS * ANSWERS
+    for step, tokens in zip(timer.steps, trl_answer_tokens(trainer)):
+        step["answer_tokens"] = tokens
     print(json.dumps(timer.steps))
 
 
@@ -229,10 +243,7 @@ def main() -> None:
         "speedup": {side: statistics.median(r) for side, r in round_speedups.items()}, "note": args.note,
         "raw": runs,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (RESULTS / f"{args.name}.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(args.name, result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from torchtune.modules.common_utils import disable_kv_cache
 
 from polopt.batch import RolloutBatch
 from polopt.ops.token_logprobs import logprobs_from_logits, token_logprobs
-from polopt.packing import pack_groups
+from polopt.packing import default_row_tokens, pack_groups
 
 __all__ = ["response_logprobs", "output_projection_weight"]
 
@@ -123,13 +123,14 @@ def response_logprobs(
         return_entropy: also return the per-token entropy of softmax(z / τ), for metrics.
         pack: run the model on polopt.packing's layout (each group's prompt once, no padding)
             instead of the padded batch; the same values to float rounding.
-        max_row_tokens: longest packed row (default: the model's max_seq_len).
+        max_row_tokens: longest packed row (default: polopt.packing.default_row_tokens, at most
+            the model's max_seq_len).
     """
     _check_batch(model, batch)
     P, T = batch.prompt_len, batch.response_len
     targets = batch.input_ids[:, P:]
     if pack:
-        packed = pack_groups(batch, max_row_tokens or model.max_seq_len)
+        packed = pack_groups(batch, max_row_tokens or min(model.max_seq_len, default_row_tokens(batch)))
         tokens, mask, input_pos = packed.input_ids, packed.mask, packed.input_pos
 
         def predicting(h: torch.Tensor) -> torch.Tensor:  # [R, L, ...] -> [B, T, ...]

@@ -175,8 +175,8 @@ def test_output_bias_is_refused_by_the_fused_path():
 @given(batches(), st.sampled_from([True, False]), st.sampled_from([True, False]), st.integers(0, 20))
 def test_packed_layout_equals_padded(batch, tied, fused, extra_row_tokens):
     """polopt.packing: each group's prompt once and no padding gives the padded layout's log-probs,
-    entropy and gradients, however many rows a group is spread over (max_row_tokens just above its
-    prompt + longest answer splits groups across rows; +20 keeps them whole)."""
+    entropy and gradients, however the groups are laid into rows (max_row_tokens just above the
+    widest prompt + answer splits groups across rows; +20 puts several groups in one row)."""
     model = MODELS[tied]
     P = batch.prompt_len
     widest = int((batch.attention_mask[:, :P].sum(1) + batch.attention_mask[:, P:].sum(1)).max())
@@ -191,7 +191,7 @@ def test_packed_layout_equals_padded(batch, tied, fused, extra_row_tokens):
 
 
 def test_packing_reads_each_prompt_once_and_drops_padding():
-    from polopt.packing import pack_groups
+    from polopt.packing import default_row_tokens, pack_groups
 
     groups = [
         PromptGroup([5, 6, 7], "", [Completion([8, 9], [0.0] * 2, False), Completion([10, 11, 12, 13], [0.0] * 4, False)], rewards=[1, 0]),
@@ -206,6 +206,15 @@ def test_packing_reads_each_prompt_once_and_drops_padding():
     assert packed.positions[1].tolist() == [2, 5, 6, 7] and packed.rows[3].tolist() == [1, 1, 1, 1]
     # Too narrow for two answers: the group continues in a second row that repeats its prompt.
     assert pack_groups(batch, max_row_tokens=7).input_ids.shape[0] == 3
+    # Wide enough for both groups: one row, the second group's segment after the first's, seeing
+    # only its own prompt, at its own positions.
+    assert default_row_tokens(batch) == 4 * 7  # the widest prompt + answer: 3 + 4
+    shared = pack_groups(batch, max_row_tokens=12)
+    assert shared.input_ids.tolist() == [[5, 6, 7, 8, 9, 10, 11, 12, 13, 4, 3]]
+    assert shared.input_pos[0].tolist() == [0, 1, 2, 3, 4, 3, 4, 5, 6, 0, 1]
+    assert shared.mask[0, 10].tolist() == [False] * 9 + [True, True]
+    assert shared.positions[1].tolist() == [2, 5, 6, 7] and shared.positions[2].tolist() == [9, 9, 9, 9]
+    assert shared.rows.unique().tolist() == [0]
     with pytest.raises(ValueError, match="max_row_tokens=6"):
         pack_groups(batch, max_row_tokens=6)
     mixed = RolloutBatch(**{**batch.__dict__, "group_ids": torch.zeros(4, dtype=torch.long)})
