@@ -35,8 +35,7 @@ from polopt.batch import RolloutBatch
 __all__ = ["PackedRows", "default_row_tokens", "pack_groups"]
 
 # Rows of up to this many times the batch's widest prompt + answer: the attention work per token
-# grows with the row, the padding saved stops growing once a row holds a few segments
-# (benchmarks/results/step_roofline.md counts both).
+# grows with the row, the padding saved stops growing once a row holds a few segments.
 ROW_WIDTHS = 4
 
 
