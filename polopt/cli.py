@@ -6,7 +6,7 @@
     polopt run [launcher flags] recipes/<recipe>.py --config ...  # any recipe, as `tune run` takes it
 
 `--config NAME` is a path, or a name in the checkout's configs/ (`tiny_arith` = configs/tiny_arith.yaml).
-Paths inside the configs (assets/, ../shared/data) are relative to the directory you run from:
+Paths inside the configs (assets/, assets/data/) are relative to the directory you run from:
 run from the checkout's root.
 
 Why a wrapper: torchtune 0.6.1's wheel installs a top-level `recipes` package that comes before

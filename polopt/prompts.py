@@ -1,6 +1,6 @@
 """Prompt data: rows from files or the Hugging Face hub → templated, tokenized prompts → a resumable stream.
 
-    rows = load_rows("../shared/data/math500.jsonl")                      # [{"question","answer","source"}]
+    rows = load_rows("assets/data/math500.jsonl")                      # [{"question","answer","source"}]
     dataset = PromptDataset(rows, tokenizer, template="qwen_boxed", max_prompt_tokens=1024)
     stream = PromptStream(dataset, batch_size=64, seed=0, num_replicas=world_size, rank=rank)
     batch = stream.next_batch()        # list of Prompt(text, token_ids, answer, source)
@@ -12,6 +12,7 @@ math-verify cannot parse — is reported by file and line, not discovered as a r
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ from polopt.errors import DataError, DataFileNotFound
 
 log = logging.getLogger(__name__)
 
-FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet")  # .jsonl and .json also gzip-compressed: .jsonl.gz, .json.gz
 TOO_LONG_POLICIES = ("drop", "error", "truncate_left")
 
 
@@ -56,7 +57,7 @@ def load_rows(
     prefix = f"{config_section}." if config_section else ""
     source = str(source)
     path = Path(source).expanduser()
-    if path.suffix in FILE_SUFFIXES or path.is_file():
+    if _file_format(path) or path.is_file():
         if not path.is_file():
             raise DataFileNotFound(f"prompt file not found: {path} (resolved: {path.resolve()}); set {prefix}source")
         records = _read_file(path)
@@ -77,31 +78,45 @@ def load_rows(
     return rows
 
 
+def _file_format(path: Path) -> Optional[str]:
+    """".jsonl", ".json" or ".parquet" for a prompt file's name (".jsonl.gz" -> ".jsonl"), else None."""
+    suffixes = path.suffixes
+    if suffixes[-1:] == [".gz"]:
+        return suffixes[-2] if suffixes[-2:-1] and suffixes[-2] in (".jsonl", ".json") else None
+    return path.suffix if path.suffix in FILE_SUFFIXES else None
+
+
 def _read_file(path: Path) -> list[tuple[str, dict]]:
-    if path.suffix == ".parquet":
+    fmt = _file_format(path) or ".jsonl"  # a file of any other name is read as JSON lines
+    if fmt == ".parquet":
         import pyarrow.parquet as pq
 
         return _numbered(path, pq.read_table(path).to_pylist())
-    if path.suffix == ".json":
+    try:
+        with (gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8")) as f:
+            text = f.read()
+    except gzip.BadGzipFile as e:
+        raise DataError(f"{path}: not a gzip file ({e}); a .gz prompt file must be gzip-compressed") from e
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); prompt files are UTF-8") from e
+    if fmt == ".json":
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from e
         if not isinstance(data, list):
             raise DataError(f"{path}: a .json prompt file must hold a list of objects, got {type(data).__name__}")
         return _numbered(path, data)
     records = []
-    with path.open() as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                # json's own line/column count the row's trailing newline as a line break: an error at the
-                # end of the row would read "column 1". The offset within the row is the column.
-                raise DataError(f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.pos + 1})") from e
-            records.append((f"{path}:{lineno}", _require_mapping(record, f"{path}:{lineno}")))
+    for lineno, line in enumerate(text.split("\n"), start=1):  # not splitlines: U+2028 may sit inside a string
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            # The offset within the row is the column (json's own count would see only this row).
+            raise DataError(f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.pos + 1})") from e
+        records.append((f"{path}:{lineno}", _require_mapping(record, f"{path}:{lineno}")))
     return records
 
 

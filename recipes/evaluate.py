@@ -1,7 +1,7 @@
 """avg@k and pass@k of an HF-format model on math benchmarks, with the training data path.
 
     polopt evaluate --config evaluate model_dir=outputs/tiny_arith_nft/final output_dir=outputs/eval_nft \
-        'datasets=[assets/tiny_arith/val.jsonl,../shared/data/math500.jsonl]' k=16 'pass_k=[1,4,16]'
+        'datasets=[assets/tiny_arith/val.jsonl,assets/data/math500.jsonl]' k=16 'pass_k=[1,4,16]'
     # = PYTHONPATH=. tune run recipes/evaluate.py --config configs/evaluate.yaml ...
 
 `model_dir` is any HF model folder: the embedded base model (default), or the `final/` a training

@@ -19,7 +19,7 @@ from polopt.evaluation import pass_at_k
 
 REPO = Path(__file__).resolve().parent.parent
 TUNE = str(Path(sys.executable).parent / "tune")
-MATH500 = REPO.parent / "shared" / "data" / "math500.jsonl"
+MATH500 = REPO / "assets" / "data" / "math500.jsonl"
 
 
 @st.composite
@@ -74,7 +74,6 @@ def evaluate(*overrides: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not MATH500.exists(), reason="../shared/data is not beside the checkout")
 def test_evaluate_writes_avg_and_pass_at_k_per_dataset(tmp_path):
     datasets = (
         "datasets=[{source: assets/tiny_arith/val.jsonl, name: arith, max_questions: 24},"

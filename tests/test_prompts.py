@@ -5,11 +5,12 @@ import logging
 from pathlib import Path
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 from polopt.prompts import PROMPT_TEMPLATES, ChatPrompt, Prompt, PromptDataset, PromptStream, load_rows
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
 TINY_ASSETS = Path(__file__).resolve().parents[1] / "assets" / "tiny_arith"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 QWEN2_PATTERN = (
@@ -132,6 +133,48 @@ def test_unparseable_gold_answers_are_reported_with_file_and_line(tmp_path, capl
     assert len(rows) == 3  # reported, not dropped
     warning = " ".join(r.getMessage() for r in caplog.records)
     assert "1 of 3 gold answers" in warning and f"{path}:2" in warning and f"{path}:1" not in warning
+
+
+# Any text, with the characters str.splitlines (not JSON) takes for line breaks well represented.
+QUESTION_TEXT = st.text(st.characters() | st.sampled_from("\u2028\u2029\x0b\x0c\x1c\x85\r"), min_size=1).filter(str.strip)
+
+
+@settings(max_examples=40)
+@given(st.lists(st.tuples(QUESTION_TEXT, st.one_of(st.integers(), st.text(min_size=1).filter(str.strip))), min_size=1, max_size=6),
+       st.sampled_from([".jsonl", ".json"]))
+def test_gzip_files_read_as_their_plain_twins(pairs, suffix):
+    """`.jsonl.gz` / `.json.gz` give the rows of the same file uncompressed, line numbers included
+    (questions may hold any character, U+2028 and form feeds too, inside their JSON strings)."""
+    import gzip
+    import tempfile
+
+    records = [{"question": q, "answer": a} for q, a in pairs]
+    text = json.dumps(records) if suffix == ".json" else "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    with tempfile.TemporaryDirectory() as tmp:
+        plain, packed = Path(tmp) / f"d{suffix}", Path(tmp) / f"d{suffix}.gz"
+        plain.write_text(text, encoding="utf-8")
+        packed.write_bytes(gzip.compress(text.encode("utf-8")))
+        rows, gz_rows = load_rows(str(plain), check_answers=False), load_rows(str(packed), check_answers=False)
+    assert [r["question"] for r in gz_rows] == [q for q, _ in pairs]
+    assert [(r["question"], r["answer"]) for r in gz_rows] == [(r["question"], r["answer"]) for r in rows]
+    assert [r["source"].rsplit(":", 1)[1] for r in gz_rows] == [r["source"].rsplit(":", 1)[1] for r in rows]
+
+
+def test_a_gz_file_that_is_not_gzip_is_a_data_error(tmp_path):
+    (tmp_path / "d.jsonl.gz").write_text('{"question": "a", "answer": "1"}\n')
+    with pytest.raises(ValueError, match=r"d\.jsonl\.gz: not a gzip file"):
+        load_rows(str(tmp_path / "d.jsonl.gz"))
+    (tmp_path / "latin.jsonl").write_bytes('{"question": "caf\u00e9", "answer": "1"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin\.jsonl: not UTF-8 text"):
+        load_rows(str(tmp_path / "latin.jsonl"))
+
+
+@pytest.mark.parametrize("name, count", [("math500.jsonl", 500), ("dapo_math_17k.jsonl.gz", 17917)])
+def test_shipped_data_files_load(name, count):
+    """assets/data: what configs/evaluate.yaml and the Qwen configs read on a fresh clone."""
+    rows = load_rows(str(REPO / "assets" / "data" / name))
+    assert len(rows) == count
+    assert all(r["question"].strip() and r["answer"].strip() for r in rows)
 
 
 SHARED_FILES = {

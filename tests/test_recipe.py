@@ -177,6 +177,29 @@ def test_every_config_instantiates_its_components_with_a_tiny_stand_in(tmp_path)
         tt_config.instantiate(cfg.rollout_correction)
 
 
+def test_every_data_file_a_config_names_is_in_the_checkout():
+    """A fresh clone runs every config: no data source points outside the repository."""
+    from omegaconf import OmegaConf
+
+    def sources(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "source" and isinstance(value, str) and value:
+                    yield value
+                yield from sources(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from sources(value)
+
+    checked = 0
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        for source in sources(OmegaConf.to_container(OmegaConf.load(path), resolve=True)):
+            assert not source.startswith(".."), (path.name, source)
+            assert (REPO / source).is_file(), (path.name, source)
+            checked += 1
+    assert checked >= 10  # every training config's dataset and validation sources, evaluate's datasets
+
+
 @pytest.mark.slow
 def test_fused_materialised_and_packed_logprobs_give_the_same_first_steps(tmp_path):
     """Issue 6: the fused chunked log-prob op is a drop-in for materialised logits in the recipe;
