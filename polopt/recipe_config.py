@@ -176,6 +176,48 @@ def _check(value: Any, types, where: str) -> None:
         raise ConfigError(f"config key '{where}' must be {names}, got {value!r} ({type(value).__name__})", where)
 
 
+def instantiate_component(section: DictConfig, key: str, *args: Any, **kwargs: Any) -> Any:
+    """`torchtune.config.instantiate(section, *args, **kwargs)`, with what the config got wrong — an
+    argument the constructor lacks or does not take, a value it rejects with ValueError — raised as
+    a ConfigError naming `key` (one line, exit status 2). A TypeError raised inside the
+    constructor is a bug, not the config's: it keeps its traceback."""
+    from torchtune import config
+
+    path = section["_component_"]
+    target = _get_component_from_path(path)
+    given = {k: v for k, v in section.items() if k != "_component_"}
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):  # builtins without a signature: nothing to check against
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind(*args, **{**given, **kwargs})
+        except TypeError as e:
+            missing = re.search(r"missing a required argument: '(\w+)'", str(e))
+            hint = f"; set {key}.{missing.group(1)}" if missing else ""
+            raise ConfigError(f"{key} ({path}): {e}{hint}", key) from e
+    try:
+        return config.instantiate(section, *args, **kwargs)
+    except UserError:
+        raise
+    except (ValueError, OSError) as e:  # OSError: a path in the section (tokenizer files, a log dir)
+        raise ConfigError(f"{key} ({path}): {e}", key) from e
+
+
+def sampling_params(prefix: str, **fields: Any):
+    """`polopt.rollout.SamplingParams(**fields)`, a rejected field raised as a ConfigError naming
+    its config key `<prefix><field>` (`rollout.temperature`; prefix "" for top-level keys)."""
+    from polopt.rollout import SamplingParams
+
+    try:
+        return SamplingParams(**fields)
+    except ValueError as e:
+        field = next((name for name in fields if f"SamplingParams.{name} " in str(e)), None)
+        key = f"{prefix}{field}" if field else prefix.rstrip(".") or None
+        raise ConfigError(str(e).replace(f"SamplingParams.{field}", key) if field else str(e), key) from e
+
+
 def _check_component_keys(section, where: str) -> None:
     """A `_component_` section's keys are its constructor's arguments: reject any other by name
     (unless the constructor takes **kwargs)."""
@@ -453,7 +495,9 @@ def describe_user_error(error: Exception, argv: list[str]) -> str:
     message = " ".join(str(error).split())
     key = getattr(error, "key", None)
     config_path = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else None
-    on_command_line = key and any(arg.split("=", 1)[0] == key for arg in argv)
+    # A key set on the command line (or one of its sub-keys: `verifier.timeout_s=-1` for key `verifier`)
+    # has no line in the file to point at.
+    on_command_line = key and any(arg.split("=", 1)[0] == key or arg.split("=", 1)[0].startswith(f"{key}.") for arg in argv)
     if key and config_path and not on_command_line:
         line = locate_key(config_path, key)
         if line is not None:

@@ -37,8 +37,13 @@ from polopt.checkpoint import load_hf_model
 from polopt.errors import UserError
 from polopt.evaluation import evaluate_prompts, pass_at_k
 from polopt.prompts import PromptDataset, load_rows
-from polopt.recipe_config import ConfigError, describe_user_error, validate_eval_config
-from polopt.rollout import SamplingParams
+from polopt.recipe_config import (
+    ConfigError,
+    describe_user_error,
+    instantiate_component,
+    sampling_params,
+    validate_eval_config,
+)
 
 log = utils.get_logger("INFO")
 
@@ -60,22 +65,24 @@ class EvaluateRecipe:
         native = _get_component_from_path(cfg.rollout.engine._component_).shares_trainer_model
         if native:  # first: a wrong model_dir shows up as a missing tokenizer file otherwise
             _, state = load_hf_model(cfg.checkpointer)
-        self.tokenizer = config.instantiate(cfg.tokenizer)
+        self.tokenizer = instantiate_component(cfg.tokenizer, "tokenizer")
         decode = partial(self.tokenizer.decode, skip_special_tokens=True)
         engine_cfg = cfg.rollout.engine
         if native:
             with training.set_default_dtype(self.dtype), self.device:
-                self.model = config.instantiate(cfg.model)
+                self.model = instantiate_component(cfg.model, "model")
             self.model.load_state_dict(state)
             self.model.eval()
-            self.engine = config.instantiate(engine_cfg, model=self.model, pad_id=self.tokenizer.pad_id, decode=decode)
+            self.engine = instantiate_component(
+                engine_cfg, "rollout.engine", model=self.model, pad_id=self.tokenizer.pad_id, decode=decode
+            )
             max_seq_len = self.model.max_seq_len
         else:
-            self.engine = config.instantiate(engine_cfg, decode=decode)
+            self.engine = instantiate_component(engine_cfg, "rollout.engine", decode=decode)
             max_seq_len = getattr(self.tokenizer, "max_seq_len", None)
         # Every dataset is read (and its prompts checked) before the first one is evaluated.
         self.datasets = [self._setup_dataset(i, entry, max_seq_len) for i, entry in enumerate(cfg.datasets)]
-        self.verifier = config.instantiate(cfg.verifier)
+        self.verifier = instantiate_component(cfg.verifier, "verifier")
 
     def _setup_dataset(self, i: int, entry: DictConfig, max_seq_len) -> tuple[str, DictConfig, PromptDataset]:
         cfg = self.cfg
@@ -100,7 +107,8 @@ class EvaluateRecipe:
         for name, entry, dataset in self.datasets:
             prompts = [dataset[j] for j in range(len(dataset))][: entry.max_questions or cfg.max_questions]
             k = int(entry.k or cfg.k)
-            params = SamplingParams(
+            params = sampling_params(
+                "",
                 temperature=float(cfg.temperature),
                 top_p=float(cfg.top_p),
                 top_k=cfg.top_k,

@@ -59,7 +59,14 @@ from polopt.losses import get_loss, global_normalizer, loss_hparams
 from polopt.metrics import MetricSums
 from polopt.policy import response_logprobs
 from polopt.prompts import DEFAULT_TEMPLATE, PromptStream, prompt_dataset
-from polopt.recipe_config import ConfigError, describe_user_error, resume_config_changes, validate_config
+from polopt.recipe_config import (
+    ConfigError,
+    describe_user_error,
+    instantiate_component,
+    resume_config_changes,
+    sampling_params,
+    validate_config,
+)
 from polopt.rollout import SamplingParams
 from polopt.rollout.correction import RolloutCorrection
 from polopt.rollout.sampler import DynamicSampler
@@ -159,11 +166,13 @@ class OnlineRLRecipe(FTRecipeInterface):
         cfg = self.cfg
         self.loss_fn = self._setup_loss(cfg)
         self._checkpointer, model_state = load_hf_model(cfg.checkpointer)
-        self.tokenizer = config.instantiate(cfg.tokenizer)
+        self.tokenizer = instantiate_component(cfg.tokenizer, "tokenizer")
         self.model = self._setup_model(cfg, model_state)
-        self.optimizer = config.instantiate(cfg.optimizer, self.model.parameters())
-        self.lr_scheduler = config.instantiate(cfg.lr_scheduler, self.optimizer, num_training_steps=cfg.max_steps)
-        self.verifier = config.instantiate(cfg.verifier)
+        self.optimizer = instantiate_component(cfg.optimizer, "optimizer", self.model.parameters())
+        self.lr_scheduler = instantiate_component(
+            cfg.lr_scheduler, "lr_scheduler", self.optimizer, num_training_steps=cfg.max_steps
+        )
+        self.verifier = instantiate_component(cfg.verifier, "verifier")
         self.engine = self._setup_rollout_engine(cfg, model_state)
         self.prompt_stream = self._setup_prompts(cfg)
         self.sampler = DynamicSampler(
@@ -172,13 +181,13 @@ class OnlineRLRecipe(FTRecipeInterface):
             self.verifier,
             num_prompts=cfg.rollout.num_prompts // self.world_size,
             num_samples=cfg.rollout.num_samples,
-            params=self._sampling_params(cfg.rollout),
+            params=self._sampling_params(cfg.rollout, "rollout"),
             max_gen_batches=cfg.filter.max_gen_batches,
             filter_groups=cfg.filter.enabled,
         )
         self.val_prompts = self._setup_validation(cfg)
         self._write_run_config()
-        self.metric_logger = config.instantiate(cfg.metric_logger) if self._is_rank_zero else None
+        self.metric_logger = instantiate_component(cfg.metric_logger, "metric_logger") if self._is_rank_zero else None
         if self.metric_logger is not None:
             self.metric_logger.log_config(cfg)
         if cfg.resume:
@@ -207,7 +216,7 @@ class OnlineRLRecipe(FTRecipeInterface):
 
     def _setup_model(self, cfg: DictConfig, model_state: dict[str, torch.Tensor]) -> torch.nn.Module:
         with training.set_default_dtype(self._dtype), torch.device("meta" if self._distributed else self._device):
-            model = config.instantiate(cfg.model)
+            model = instantiate_component(cfg.model, "model")
         if cfg.enable_activation_checkpointing:
             training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
         if not self._distributed:
@@ -233,12 +242,9 @@ class OnlineRLRecipe(FTRecipeInterface):
         decode = partial(self.tokenizer.decode, skip_special_tokens=True)
         self.rollout_correction = _setup_rollout_correction(cfg)
         if not _get_component_from_path(engine_cfg._component_).shares_trainer_model:
-            try:
-                # vLLM's and the engine's own construction errors are about the config (memory,
-                # tensor_parallel_size, max_model_len, ...)
-                engine = config.instantiate(engine_cfg, decode=decode)
-            except ValueError as e:
-                raise ConfigError(f"rollout.engine: {e}") from e
+            # vLLM's and the engine's own construction errors are about the config (memory,
+            # tensor_parallel_size, max_model_len, ...)
+            engine = instantiate_component(engine_cfg, "rollout.engine", decode=decode)
             try:
                 # Checks the engine's model against the trainer's before step 1, and starts both
                 # from the same weights (the engine loaded its own checkpoint).
@@ -251,15 +257,12 @@ class OnlineRLRecipe(FTRecipeInterface):
             # FSDP forwards are collective; ranks stop generating at different times, so each
             # rank generates with its own unsharded replica (refreshed after every step).
             with training.set_default_dtype(self._dtype), self._device:
-                rollout_model = config.instantiate(cfg.model)
+                rollout_model = instantiate_component(cfg.model, "model")
             rollout_model.load_state_dict(model_state)
-        return config.instantiate(engine_cfg, model=rollout_model, pad_id=self.tokenizer.pad_id, decode=decode)
+        return instantiate_component(engine_cfg, "rollout.engine", model=rollout_model, pad_id=self.tokenizer.pad_id, decode=decode)
 
     def _setup_prompts(self, cfg: DictConfig) -> PromptStream:
-        try:
-            dataset = config.instantiate(cfg.dataset, self.tokenizer)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"dataset: {e}", "dataset") from e
+        dataset = instantiate_component(cfg.dataset, "dataset", self.tokenizer)
         dataset.check_fits(cfg.rollout.max_new_tokens, self.model.max_seq_len, max_new_tokens_key="rollout.max_new_tokens")
         return PromptStream(
             dataset,
@@ -287,8 +290,9 @@ class OnlineRLRecipe(FTRecipeInterface):
         questions = [dataset[i] for i in range(len(dataset))][: v.max_questions]
         return questions[self.rank :: self.world_size]
 
-    def _sampling_params(self, section: DictConfig, seed: Optional[int] = None) -> SamplingParams:
-        return SamplingParams(
+    def _sampling_params(self, section: DictConfig, key: str, seed: Optional[int] = None) -> SamplingParams:
+        return sampling_params(
+            f"{key}.",
             temperature=section.temperature,
             top_p=section.top_p,
             top_k=section.get("top_k"),
@@ -422,7 +426,7 @@ class OnlineRLRecipe(FTRecipeInterface):
             self.verifier,
             self.val_prompts,
             k=v.k,
-            params=self._sampling_params(v, seed=_mix_seed(self.seed + 1, 0, self.rank)),
+            params=self._sampling_params(v, "validation", seed=_mix_seed(self.seed + 1, 0, self.rank)),
             batch_size=v.batch_size,
             progress=self._is_rank_zero,
             desc="validation",
@@ -606,10 +610,7 @@ class OnlineRLRecipe(FTRecipeInterface):
 
 
 def _setup_rollout_correction(cfg: DictConfig) -> RolloutCorrection:
-    try:
-        correction = config.instantiate(cfg.rollout_correction)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
+    correction = instantiate_component(cfg.rollout_correction, "rollout_correction")
     if correction.enabled and not cfg.recompute_old_logprobs:
         raise ConfigError(
             "rollout_correction.enabled needs recompute_old_logprobs: true (without the trainer's own "

@@ -281,6 +281,14 @@ TRAIN_ERRORS = {
                                           ["unknown config key 'lr_scheduler.num_warmup'", "num_warmup_steps"]),
     "unimportable component": (["verifier._component_=polopt.verify.NoSuchVerifier"],
                                ["verifier._component_", "polopt.verify.NoSuchVerifier"]),
+    # Values a component's constructor rejects, and arguments it lacks: the section named, no traceback.
+    "verifier rejects its timeout": (["verifier.timeout_s=-1"], ["verifier (polopt.verify.MathVerifier)", "timeout_s must be > 0"]),
+    "optimizer rejects its lr": (["optimizer.lr=-1"], ["optimizer (torch.optim.AdamW)", "Invalid learning rate: -1"]),
+    "engine without its model": (["rollout.engine._component_=polopt.rollout.VLLMRolloutEngine"],
+                                 ["rollout.engine (polopt.rollout.VLLMRolloutEngine)", "set rollout.engine.model_name_or_path"]),
+    "tokenizer file missing": (["tokenizer.path=/no/such/vocab.json"], ["tokenizer (", "/no/such/vocab.json"]),
+    "rollout temperature 0": (["rollout.temperature=0"], ["rollout.temperature must be > 0, got 0"]),
+    "validation top_p above 1": (["validation.top_p=2"], ["validation.top_p must be in (0, 1], got 2"]),
 }
 
 
@@ -331,6 +339,10 @@ EVAL_ERRORS = {
     "pass_k above k": (["k=4"], ["'pass_k' asks for pass@16", "k=4", "drop 16 from pass_k"]),
     "pass_k not a list": (["pass_k=4"], ["'pass_k' must be a list"]),
     "pass_k below 1": (["pass_k=[0,1]"], ["'pass_k' must be a list of integers >= 1"]),
+    "temperature 0": (["temperature=0"], ["temperature must be > 0"]),
+    "verifier rejects its workers": (["verifier.num_workers=0"], ["verifier (polopt.verify.MathVerifier)", "num_workers"]),
+    "vLLM engine without its model": (["rollout.engine._component_=polopt.rollout.VLLMRolloutEngine"],
+                                      ["set rollout.engine.model_name_or_path"]),
 }
 
 
