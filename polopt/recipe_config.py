@@ -178,9 +178,9 @@ def _check(value: Any, types, where: str) -> None:
 
 def instantiate_component(section: DictConfig, key: str, *args: Any, **kwargs: Any) -> Any:
     """`torchtune.config.instantiate(section, *args, **kwargs)`, with what the config got wrong — an
-    argument the constructor lacks or does not take, a value it rejects with ValueError — raised as
-    a ConfigError naming `key` (one line, exit status 2). A TypeError raised inside the
-    constructor is a bug, not the config's: it keeps its traceback."""
+    argument the constructor lacks or does not take, a value it rejects with ValueError, a path it
+    cannot open (OSError) — raised as a ConfigError naming `key` (one line, exit status 2). A
+    TypeError raised inside the constructor is a bug, not the config's: it keeps its traceback."""
     from torchtune import config
 
     path = section["_component_"]

@@ -259,3 +259,22 @@ def test_non_finite_losses_are_skipped_counted_and_bounded(tmp_path, monkeypatch
     for name, value in recipe.model.state_dict().items():
         assert torch.equal(value, before[name]), name
     recipe.cleanup()
+
+
+def test_instantiate_component_blames_the_config_only_for_what_the_config_got_wrong():
+    from omegaconf import OmegaConf
+
+    from polopt.errors import ConfigError
+    from polopt.recipe_config import instantiate_component
+
+    with pytest.raises(ConfigError, match=r"verifier \(polopt.verify.MathVerifier\): .*timeout_s must be > 0") as e:
+        instantiate_component(OmegaConf.create({"_component_": "polopt.verify.MathVerifier", "timeout_s": -1}), "verifier")
+    assert e.value.key == "verifier"
+    with pytest.raises(ConfigError, match=r"missing a required argument: 'model_name_or_path'; set rollout.engine.model_name_or_path"):
+        instantiate_component(OmegaConf.create({"_component_": "polopt.rollout.VLLMRolloutEngine"}), "rollout.engine")
+    # A TypeError raised inside a constructor is a bug to see with its traceback, not a config error.
+    with pytest.raises(TypeError) as raised:
+        instantiate_component(OmegaConf.create({"_component_": "datetime.timedelta", "days": "x"}), "x")
+    assert not isinstance(raised.value, ConfigError)
+    built = instantiate_component(OmegaConf.create({"_component_": "datetime.timedelta", "days": 2}), "x")
+    assert built.days == 2
