@@ -71,7 +71,7 @@ def pack_groups(batch: RolloutBatch, max_row_tokens: int, pad_id: int = 0) -> Pa
     rows = torch.zeros(len(batch), T, dtype=torch.long)
     positions = torch.zeros(len(batch), T, dtype=torch.long)
     t = torch.arange(T)
-    used = max_row_tokens  # tokens in the current row (full: the first segment opens a row)
+    used, segments_in_row = max_row_tokens, 0  # of the current row (full: the first segment opens a row)
     for g, bs in members.items():
         p = prompt_lens[bs[0]]
         prompt = ids[bs[0], P - p : P]
@@ -89,8 +89,8 @@ def pack_groups(batch: RolloutBatch, max_row_tokens: int, pad_id: int = 0) -> Pa
                 if used + p + n > max_row_tokens:
                     row_tokens.append([])
                     row_pieces.append([])
-                    used = 0
-                segment = 1 + max((s for s, _, _ in row_pieces[-1]), default=-1)
+                    used, segments_in_row = 0, 0
+                segment, segments_in_row = segments_in_row, segments_in_row + 1
                 row_tokens[-1].append(prompt)
                 row_pieces[-1].append((segment, 0, p))
                 prompt_end, used, segment_open = used + p, used + p, True

@@ -176,6 +176,14 @@ def _check(value: Any, types, where: str) -> None:
         raise ConfigError(f"config key '{where}' must be {names}, got {value!r} ({type(value).__name__})", where)
 
 
+def _signature(target: Any) -> Optional[inspect.Signature]:
+    """A component's signature; None for builtins without one (nothing to check against)."""
+    try:
+        return inspect.signature(target)
+    except (TypeError, ValueError):
+        return None
+
+
 def instantiate_component(section: DictConfig, key: str, *args: Any, **kwargs: Any) -> Any:
     """`torchtune.config.instantiate(section, *args, **kwargs)`, with what the config got wrong — an
     argument the constructor lacks or does not take, a value it rejects with ValueError, a path it
@@ -184,12 +192,8 @@ def instantiate_component(section: DictConfig, key: str, *args: Any, **kwargs: A
     from torchtune import config
 
     path = section["_component_"]
-    target = _get_component_from_path(path)
     given = {k: v for k, v in section.items() if k != "_component_"}
-    try:
-        signature = inspect.signature(target)
-    except (TypeError, ValueError):  # builtins without a signature: nothing to check against
-        signature = None
+    signature = _signature(_get_component_from_path(path))
     if signature is not None:
         try:
             signature.bind(*args, **{**given, **kwargs})
@@ -208,14 +212,12 @@ def instantiate_component(section: DictConfig, key: str, *args: Any, **kwargs: A
 def sampling_params(prefix: str, **fields: Any):
     """`polopt.rollout.SamplingParams(**fields)`, a rejected field raised as a ConfigError naming
     its config key `<prefix><field>` (`rollout.temperature`; prefix "" for top-level keys)."""
-    from polopt.rollout import SamplingParams
+    from polopt.rollout import InvalidSamplingParam, SamplingParams
 
     try:
         return SamplingParams(**fields)
-    except ValueError as e:
-        field = next((name for name in fields if f"SamplingParams.{name} " in str(e)), None)
-        key = f"{prefix}{field}" if field else prefix.rstrip(".") or None
-        raise ConfigError(str(e).replace(f"SamplingParams.{field}", key) if field else str(e), key) from e
+    except InvalidSamplingParam as e:
+        raise ConfigError(f"{prefix}{e.field} {e.problem}", f"{prefix}{e.field}") from e
 
 
 def _check_component_keys(section, where: str) -> None:
@@ -226,10 +228,10 @@ def _check_component_keys(section, where: str) -> None:
         target = _get_component_from_path(path)
     except Exception as e:  # noqa: BLE001 - any import failure is the config's to fix
         raise ConfigError(f"config key '{where}._component_': cannot import {path!r} ({e})", f"{where}._component_") from e
-    try:
-        params = list(inspect.signature(target).parameters.values())
-    except (TypeError, ValueError):  # builtins without a signature: nothing to check against
+    signature = _signature(target)
+    if signature is None:
         return
+    params = list(signature.parameters.values())
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return
     valid = [p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]

@@ -31,6 +31,14 @@ from typing import Optional, Protocol
 from polopt.batch import Completion
 
 
+class InvalidSamplingParam(ValueError):
+    """A SamplingParams field out of range: `field` names it, `problem` says what is wrong."""
+
+    def __init__(self, field_name: str, problem: str) -> None:
+        super().__init__(f"SamplingParams.{field_name} {problem}")
+        self.field, self.problem = field_name, problem
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to sample. Callers derive per-step variants with `dataclasses.replace(params, seed=...)`.
@@ -48,16 +56,16 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
-            raise ValueError(f"SamplingParams.temperature must be > 0, got {self.temperature}")
+            raise InvalidSamplingParam("temperature", f"must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+            raise InvalidSamplingParam("top_p", f"must be in (0, 1], got {self.top_p}")
         if self.top_k is not None and (isinstance(self.top_k, bool) or int(self.top_k) != self.top_k or self.top_k < 1):
-            raise ValueError(f"SamplingParams.top_k must be None or an integer >= 1, got {self.top_k!r}")
+            raise InvalidSamplingParam("top_k", f"must be None or an integer >= 1, got {self.top_k!r}")
         if isinstance(self.max_new_tokens, bool) or int(self.max_new_tokens) != self.max_new_tokens or self.max_new_tokens < 1:
-            raise ValueError(f"SamplingParams.max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+            raise InvalidSamplingParam("max_new_tokens", f"must be an integer >= 1, got {self.max_new_tokens!r}")
         bad = [t for t in self.stop_token_ids if isinstance(t, bool) or int(t) != t or t < 0]
         if bad:
-            raise ValueError(f"SamplingParams.stop_token_ids must be non-negative integers, got {bad}")
+            raise InvalidSamplingParam("stop_token_ids", f"must be non-negative integers, got {bad}")
         # Lists from configs (ListConfig, tuples) become a plain list of ints.
         object.__setattr__(self, "stop_token_ids", [int(t) for t in self.stop_token_ids])
 
@@ -86,4 +94,4 @@ def check_generate_args(prompt_ids: list[list[int]], num_samples: int, params: S
 from polopt.rollout.native import NativeRolloutEngine  # noqa: E402  (needs SamplingParams above)
 from polopt.rollout.vllm import VLLMRolloutEngine  # noqa: E402
 
-__all__ = ["SamplingParams", "RolloutEngine", "NativeRolloutEngine", "VLLMRolloutEngine", "check_generate_args"]
+__all__ = ["SamplingParams", "InvalidSamplingParam", "RolloutEngine", "NativeRolloutEngine", "VLLMRolloutEngine", "check_generate_args"]
