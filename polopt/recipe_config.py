@@ -42,6 +42,7 @@ SCHEMA: dict[str, Any] = {
     "seed": (int, 0),
     "device": (str, "cpu"),
     "dtype": (str, "fp32"),
+    "num_threads": (_OPTIONAL_INT, None),  # CPU: torch threads; null = this process's share of the cores
     "max_steps": (int, None),
     "loss": (str, None),
     "loss_args": (dict, {}),
@@ -125,6 +126,7 @@ EVAL_SCHEMA: dict[str, Any] = {
     "seed": (int, 0),
     "device": (str, "cpu"),
     "dtype": (str, "fp32"),
+    "num_threads": (_OPTIONAL_INT, None),
     "datasets": (list, None),
     "template": (str, DEFAULT_TEMPLATE),
     "k": (int, 1),

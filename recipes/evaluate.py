@@ -44,6 +44,8 @@ from polopt.recipe_config import (
     sampling_params,
     validate_eval_config,
 )
+from polopt.runtime import set_cpu_threads
+from polopt.tokenizer import check_tokenizer
 
 log = utils.get_logger("INFO")
 
@@ -58,6 +60,7 @@ class EvaluateRecipe:
                               "or another output_dir", "output_dir")
         self.device = utils.get_device(device=cfg.device)
         self.dtype = training.get_dtype(cfg.dtype, device=self.device)
+        self.num_threads = set_cpu_threads(cfg.num_threads, self.device)
         training.set_seed(cfg.seed)
 
     def setup(self) -> None:
@@ -71,6 +74,7 @@ class EvaluateRecipe:
         if native:
             with training.set_default_dtype(self.dtype), self.device:
                 self.model = instantiate_component(cfg.model, "model")
+            check_tokenizer(self.tokenizer, vocab_size=self.model.tok_embeddings.num_embeddings)
             self.model.load_state_dict(state)
             self.model.eval()
             self.engine = instantiate_component(
@@ -78,6 +82,7 @@ class EvaluateRecipe:
             )
             max_seq_len = self.model.max_seq_len
         else:
+            check_tokenizer(self.tokenizer)
             self.engine = instantiate_component(engine_cfg, "rollout.engine", decode=decode)
             max_seq_len = getattr(self.tokenizer, "max_seq_len", None)
         # Every dataset is read (and its prompts checked) before the first one is evaluated.

@@ -70,6 +70,8 @@ from polopt.recipe_config import (
 from polopt.rollout import SamplingParams
 from polopt.rollout.correction import RolloutCorrection
 from polopt.rollout.sampler import DynamicSampler
+from polopt.runtime import set_cpu_threads
+from polopt.tokenizer import check_tokenizer
 
 log = utils.get_logger("INFO")
 
@@ -86,6 +88,7 @@ class OnlineRLRecipe(FTRecipeInterface):
             dist.init_process_group(training.get_distributed_backend(self._device.type))
         self.world_size, self.rank = utils.get_world_size_and_rank()
         self._is_rank_zero = self.rank == 0
+        self.num_threads = set_cpu_threads(cfg.num_threads, self._device)
         if cfg.rollout.num_prompts % self.world_size:
             raise ConfigError(
                 f"rollout.num_prompts={cfg.rollout.num_prompts} must be divisible by the number of ranks ({self.world_size})"
@@ -168,6 +171,7 @@ class OnlineRLRecipe(FTRecipeInterface):
         self._checkpointer, model_state = load_hf_model(cfg.checkpointer)
         self.tokenizer = instantiate_component(cfg.tokenizer, "tokenizer")
         self.model = self._setup_model(cfg, model_state)
+        check_tokenizer(self.tokenizer, vocab_size=self.model.tok_embeddings.num_embeddings)
         self.optimizer = instantiate_component(cfg.optimizer, "optimizer", self.model.parameters())
         self.lr_scheduler = instantiate_component(
             cfg.lr_scheduler, "lr_scheduler", self.optimizer, num_training_steps=cfg.max_steps

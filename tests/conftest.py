@@ -1,6 +1,10 @@
 import os
+from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, settings
+
+REPO = Path(__file__).resolve().parent.parent
 
 # CPU time is shared and slow in CI: no per-example deadline; example counts sized so the whole
 # suite stays under 15 minutes on 2 cores. `HYPOTHESIS_PROFILE=thorough` for a deeper local run.
@@ -11,3 +15,12 @@ settings.register_profile(
     "thorough", deadline=None, max_examples=1000, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(scope="session")
+def polopt_env(tmp_path_factory) -> dict:
+    """An environment where only this checkout's `polopt` package is importable by path (what the
+    `polopt` console script gives an installed package)."""
+    link_dir = tmp_path_factory.mktemp("pythonpath")
+    (link_dir / "polopt").symlink_to(REPO / "polopt")
+    return {**os.environ, "PYTHONPATH": str(link_dir)}

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,14 +34,6 @@ SMALL = [
 EVAL_SMALL = ["datasets=[{source: assets/tiny_arith/val.jsonl, name: arith, max_questions: 8}]", "k=1", "pass_k=[1]"]
 HF_FILES = {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
             "vocab.json", "merges.txt", "special_tokens.json", "polopt.json"}
-
-
-@pytest.fixture(scope="session")
-def polopt_env(tmp_path_factory) -> dict:
-    """An environment where only this checkout's `polopt` package is importable by path."""
-    link_dir = tmp_path_factory.mktemp("pythonpath")
-    (link_dir / "polopt").symlink_to(REPO / "polopt")
-    return {**os.environ, "PYTHONPATH": str(link_dir)}
 
 
 def polopt(env: dict, *args: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
