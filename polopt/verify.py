@@ -24,6 +24,12 @@ every case where it changes math-verify's verdict, with an example):
   GSM8K-style completions ending in "A: 18" are scored that way.
 - Text that contains Python (``__import__``, ``eval(``, ``lambda x:``, ``import os``, ``os.system``)
   is never parsed and scores 0; LaTeX such as ``\\lambda`` and prose such as "import" are not code.
+- A number is answered with a number (``number_answers="literal"``, the default): when the gold
+  answer is a number literal, the answer math-verify read must state one (a number literal, or an
+  equation whose last side is one), or it scores 0. "591+734" vs gold 1325 restates the question,
+  and math-verify would score it 1; "1,325", "1325.0", "\\frac{1}{2}" (vs 0.5), "50\\%", "x = 1325"
+  and "591+734=1325" still score. See `is_number_literal` and `states_a_number`;
+  ``number_answers="equivalent"`` keeps math-verify's verdict.
 
 The gold answer is wrapped in ``\\boxed{}`` (without sentence punctuation at its end) unless it
 already holds ``\\boxed`` or ``$``-delimited math, and parsed with the same extraction; ``math_verify.verify`` with its defaults
@@ -53,6 +59,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import selectors
@@ -187,6 +194,110 @@ def _extraction_targets():
     return (LatexExtractionConfig(), ExprExtractionConfig())
 
 
+# --------------------------------------------------------------------------- number literals
+NUMBER_ANSWERS = ("literal", "equivalent")
+
+# What surrounds a number without changing it: "$" delimiters, \left/\right, a dollar sign "\$"
+_NUMBER_DECORATION = re.compile(r"\\left(?![A-Za-z])|\\right(?![A-Za-z])|\\?\$")
+# ... and what may follow it: a unit in \text{}, degrees, a percent sign, spacing, a full stop
+_NUMBER_SUFFIX = re.compile(r"(?:\\(?:text|mbox|mathrm)\{[^{}]*\}|\^\s*\{?\\circ\}?|\\?%|\\[,!;: ]|~|\.|\s)+$")
+# "=" and "\approx" end an equation's side; "<=", ">=", "!=" and "\=" do not
+_EQUATION_SIDES = re.compile(r"(?<![<>!\\])=|\\approx(?![A-Za-z])")
+_INTEGER = r"\d{1,3}(?:(?:,|\{,\}|\\,|,\\!)\d{3})+|\d+"  # 1325, or 1,325 / 1{,}325 / 1\,325 / 1,\!325
+_DECIMAL_LITERAL = re.compile(rf"[+-]?\s*(?:(?:{_INTEGER})(?:\.\d+)?|\.\d+)")
+_SCIENTIFIC_LITERAL = re.compile(r"[+-]?\s*\d(?:\.\d+)?\s*\\(?:times|cdot)\s*10\^(?:\{\s*[+-]?\d+\s*\}|\d)")
+_FRACTION_LITERAL = re.compile(
+    rf"[+-]?\s*(?:(?P<whole>{_INTEGER})\s*)?"  # a whole part makes a mixed number: 1\frac{1}{2}
+    rf"\\[dt]?frac(?:\{{\s*(?P<p>[+-]?(?:{_INTEGER}))\s*\}}|(?P<p1>\d))(?:\{{\s*(?P<q>{_INTEGER})\s*\}}|(?P<q1>\d))"
+    rf"|[+-]?\s*(?P<p2>{_INTEGER})\s*/\s*(?P<q2>{_INTEGER})"
+)
+
+
+def _integer_value(text: str) -> int:
+    return int(re.sub(r"\D", "", text))
+
+
+def is_number_literal(text: Optional[str]) -> bool:
+    """True if `text` (an extracted answer, as math-verify normalised it) writes a number without
+    arithmetic: an integer or decimal, signed or not, with thousands separators or not (``-3``,
+    ``1,325``, ``1{,}325``, ``1325.0``, ``.5``); a fraction of two integers in lowest terms
+    (``\\frac{1}{2}``, ``\\dfrac{-3}{4}``, ``1/2``) or a mixed number (``1\\frac{1}{2}``); or scientific
+    notation (``1.5\\times 10^{3}``). Decoration is ignored: ``$``, ``\\left``/``\\right``, a dollar
+    sign, a unit in ``\\text{}``, ``^\\circ``, ``\\%``, spacing, a full stop, and parentheses around
+    the number. An equation is not a number literal (see `states_a_number`).
+
+    Lowest terms, because ``\\frac{2650}{2}`` is the question "2650/2" restated, not its answer.
+    """
+    if not text:
+        return False
+    text = _NUMBER_DECORATION.sub("", text).strip()
+    if text.startswith("\\text{") and text.endswith("}") and "}" not in text[6:-1]:
+        text = text[6:-1]
+    text = _NUMBER_SUFFIX.sub("", text).strip()
+    if text.startswith("(") and text.endswith(")") and "," not in text:
+        text = text[1:-1].strip()
+    if _DECIMAL_LITERAL.fullmatch(text) or _SCIENTIFIC_LITERAL.fullmatch(text):
+        return True
+    fraction = _FRACTION_LITERAL.fullmatch(text)
+    if fraction is None:
+        return False
+    p = _integer_value(fraction["p"] or fraction["p1"] or fraction["p2"])
+    q = _integer_value(fraction["q"] or fraction["q1"] or fraction["q2"])
+    if q == 0 or math.gcd(p, q) != 1:
+        return False
+    # a mixed number's fraction is proper, and signed only in front: 1\frac{1}{2}, not 1\frac{3}{2}
+    return fraction["whole"] is None or (0 < p < q and (fraction["p"] or "").lstrip()[:1] not in "+-")
+
+
+def answer_read(text: str) -> Optional[tuple[object, str]]:
+    """(answer, text) of the match math-verify's `parse` takes its answer from, the text as
+    math-verify normalised it (``\\boxed{5\\text{ cm}}`` reads "5"); None if no match parses.
+
+    `parse` also returns a string, but that is the first match it tried, a different one when that
+    one failed to parse (``\\boxed{= 5}``); this walks the matches in `parse`'s order (priority,
+    then rightmost first) and stops at the first that parses, as `parse` does. Its parsing is
+    cached, so repeating it after `parse` is cheap.
+    """
+    from itertools import groupby
+
+    from math_verify.parser import extract_match, get_extraction_regexes
+
+    patterns = sorted(
+        ((pattern, target, priority) for patterns, target in get_extraction_regexes(_extraction_targets())
+         for pattern, priority in patterns),
+        key=lambda item: item[2],
+    )
+    for _, group in groupby(patterns, key=lambda item: item[2]):
+        matches = sorted(((m, target) for pattern, target, _ in group for m in pattern.finditer(text)),
+                         key=lambda item: (item[0].end(), -item[0].start()), reverse=True)
+        for match, target in matches:
+            parsed, read = extract_match(match, target)
+            if parsed is not None:
+                return parsed, read
+    return None
+
+
+def _answer_text(text: str) -> Optional[str]:
+    read = answer_read(text)
+    return None if read is None else read[1]
+
+
+def states_a_number(answer: Optional[str]) -> bool:
+    """True if `answer` is a number literal or ends with one after ``=`` or ``\\approx``: ``x = 5``,
+    ``90+63=153`` and ``x \\approx 11`` state their number, ``153 = 90+63`` and ``x \\geq 5`` do not."""
+    return answer is not None and is_number_literal(_EQUATION_SIDES.split(answer)[-1])
+
+
+def restates_a_number(gold_text: str, prediction: str) -> bool:
+    """True if the gold answer is a number literal and the prediction's answer does not state a
+    number (`is_number_literal`, `states_a_number`): what ``number_answers="literal"`` scores 0.
+
+    Both texts as math-verify gets them (`_gold_text`, `prediction_text`); the answers compared are
+    the ones math-verify read from them.
+    """
+    return is_number_literal(_answer_text(gold_text)) and not states_a_number(_answer_text(prediction))
+
+
 _PLAIN_INTEGER = re.compile(r"0|-?[1-9][0-9]{0,30}")
 _BOXED_INTEGER_AT_END = re.compile(r"\\boxed\{\s*(0|-?[1-9][0-9]{0,30})\s*\}[\s.]*")
 
@@ -247,29 +358,42 @@ def score_one(
     answer_format: str = "boxed",
     max_completion_chars: int = 4000,
     mv_timeout: Optional[int] = None,
+    number_answers: str = "literal",
 ) -> float:
     """1.0 if the scored part of `completion` is equivalent to `answer` per math-verify, else 0.0.
 
-    In-process and unguarded: use `MathVerifier` for untrusted text. `mv_timeout` is math-verify's
-    own signal timeout (main thread only); None disables it.
+    ``number_answers="literal"``: a number literal as gold answer needs one as the answer (see the
+    module docstring); ``"equivalent"``: math-verify's verdict alone. In-process and unguarded: use
+    `MathVerifier` for untrusted text. `mv_timeout` is math-verify's own signal timeout (main thread
+    only); None disables it.
     """
-    return _score(completion, answer, answer_format, max_completion_chars, mv_timeout)[0]
+    _check_number_answers(number_answers, "score_one")
+    return _score(completion, answer, answer_format, max_completion_chars, mv_timeout, number_answers)[0]
 
 
-def _score(completion, answer, answer_format, max_completion_chars, mv_timeout) -> tuple[float, Optional[str]]:
+def _check_number_answers(number_answers: str, where: str) -> None:
+    if number_answers not in NUMBER_ANSWERS:
+        raise ValueError(f"{where}: number_answers must be one of {NUMBER_ANSWERS}, got {number_answers!r}")
+
+
+def _score(completion, answer, answer_format, max_completion_chars, mv_timeout, number_answers) -> tuple[float, Optional[str]]:
     """(score, why it was not parsed: CODE_LIKE, CUT_OFF or None)."""
     from math_verify import verify
 
     text, skipped = _prediction(completion, answer_format, max_completion_chars)
     if text is None:
         return 0.0, skipped
-    gold = _parse(_gold_text(str(answer)), mv_timeout)
+    gold_text = _gold_text(str(answer))
+    gold = _parse(gold_text, mv_timeout)
     if not gold:
         return 0.0, None
     pred = _parse(text, mv_timeout)
-    if not pred:
+    if not pred or not verify(gold, pred, timeout_seconds=mv_timeout):
         return 0.0, None
-    return (1.0 if verify(gold, pred, timeout_seconds=mv_timeout) else 0.0), None
+    # the one place polopt overrules an equivalence: a number answered by an expression for it
+    if number_answers == "literal" and restates_a_number(gold_text, text):
+        return 0.0, None
+    return 1.0, None
 
 
 def unparseable_gold_answers(answers: Iterable[str], *, timeout_s: float = 5.0) -> list[int]:
@@ -327,7 +451,9 @@ def _worker_main() -> None:
         signal.setitimer(signal.ITIMER_REAL, task["soft_timeout_s"])
         try:
             # max_completion_chars=0: the parent already cut the completion
-            result["score"], skipped = _score(task["completion"], task["answer"], task["answer_format"], 0, None)
+            result["score"], skipped = _score(
+                task["completion"], task["answer"], task["answer_format"], 0, None, task["number_answers"]
+            )
             if skipped:
                 result["skipped"] = skipped
         except _SoftTimeout:
@@ -415,6 +541,10 @@ class MathVerifier:
         memory_limit_mb: address-space cap per worker (a runaway parse fails instead of swapping).
         fast_integer_match: decide plain-integer answers in this process (`integer_verdict`)
             instead of in a worker; the verdicts are math-verify's either way.
+        number_answers: "literal" (default): where the gold answer is a number literal, an answer
+            that does not state one scores 0 ("591+734" vs gold 1325; "1,325", "1325.0",
+            "x = 1325" score 1; see `restates_a_number`). "equivalent": math-verify's equivalence
+            alone, any expression for the number scores 1. Config key ``verifier.number_answers``.
 
     The pool starts on the first call and lives until `close()` (or the end of a ``with`` block);
     the object pickles as its config, without the pool.
@@ -436,6 +566,7 @@ class MathVerifier:
         answer_format: str = "boxed",
         memory_limit_mb: Optional[int] = 4096,
         fast_integer_match: bool = True,
+        number_answers: str = "literal",
     ):
         if not timeout_s > 0:
             raise ValueError(f"MathVerifier: timeout_s must be > 0, got {timeout_s!r}")
@@ -445,12 +576,14 @@ class MathVerifier:
             raise ValueError(f"MathVerifier: max_completion_chars must be >= 1, got {max_completion_chars!r}")
         if answer_format not in ANSWER_FORMATS:
             raise ValueError(f"MathVerifier: answer_format must be one of {ANSWER_FORMATS}, got {answer_format!r}")
+        _check_number_answers(number_answers, "MathVerifier")
         self.timeout_s = float(timeout_s)
         self.num_workers = num_workers or min(8, len(os.sched_getaffinity(0)))
         self.max_completion_chars = max_completion_chars
         self.answer_format = answer_format
         self.memory_limit_mb = memory_limit_mb
         self.fast_integer_match = fast_integer_match
+        self.number_answers = number_answers
         self._workers: list[_Worker] = []
         self._failed_starts = 0
         self.num_verified = 0
@@ -498,7 +631,8 @@ class MathVerifier:
     def __repr__(self) -> str:
         return (
             f"MathVerifier(timeout_s={self.timeout_s}, num_workers={self.num_workers}, "
-            f"max_completion_chars={self.max_completion_chars}, answer_format={self.answer_format!r})"
+            f"max_completion_chars={self.max_completion_chars}, answer_format={self.answer_format!r}, "
+            f"number_answers={self.number_answers!r})"
         )
 
     def __call__(self, completions: Sequence[str], answers: Sequence[str]) -> list[float]:
@@ -535,6 +669,7 @@ class MathVerifier:
                             "completion": str(completions[i])[-self.max_completion_chars :],
                             "answer": str(answers[i]),
                             "answer_format": self.answer_format,
+                            "number_answers": self.number_answers,
                             "soft_timeout_s": self.soft_timeout_fraction * self.timeout_s,
                         }
                         try:

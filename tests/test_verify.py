@@ -2,16 +2,19 @@
 
 import json
 import logging
+import math
 import os
 import pickle
 import random
 import time
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
 from hypothesis import given, strategies as st
 
-from polopt.verify import MathVerifier, is_code_like, last_boxed, unparseable_gold_answers
+from polopt.verify import (MathVerifier, is_code_like, is_number_literal, last_boxed, score_one, states_a_number,
+                           unparseable_gold_answers)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TIMEOUT_S = 1.0
@@ -107,7 +110,7 @@ def test_gold_is_wrapped_unless_already_math(verifier):
 
 def test_answer_line_format_scores_the_last_answer_line():
     with MathVerifier(timeout_s=TIMEOUT_S, num_workers=1, answer_format="answer_line") as v:
-        text = "Answer: 41\nNo, recount.\nAnswer: $\\frac{84}{2}$"
+        text = "Answer: 41\nNo, recount.\nAnswer: $42.0$"
         assert v([text, text, "so \\boxed{42}", "The answer is 42 but no answer line"], ["42", "41", "42", "7"]) == [
             1.0,
             0.0,
@@ -335,3 +338,199 @@ def test_integer_fast_path_decides_the_tiny_task_and_skips_the_workers():
         assert fast(completions[:2], answers[:2]) == [1.0, 0.0] and fast._workers == []
         assert fast(completions, answers) == slow(completions, answers) == [1.0, 0.0, 0.0]
         assert fast.stats()["verify/answers"] == 5 and len(fast._workers) == 1
+
+
+# --------------------------------------------------------------------------- a number is answered with a number
+# (completion, gold, score with number_answers="literal" (default), score with "equivalent")
+NUMBER_ANSWER_CASES = [
+    # an expression for the number restates the question: math-verify scores it, polopt does not
+    ("591+734", "1325", 0.0, 1.0),
+    ("\\boxed{591+734}", "1325", 0.0, 1.0),
+    ("Answer: 591+734", "1325", 0.0, 1.0),
+    ("The answer is 90 + 63", "153", 0.0, 1.0),
+    ("\\boxed{3^4-2}", "79", 0.0, 1.0),
+    ("\\boxed{2\\times 3}", "6", 0.0, 1.0),
+    ("\\boxed{\\sqrt{4}}", "2", 0.0, 1.0),
+    ("\\boxed{10^3}", "1000", 0.0, 1.0),
+    ("\\boxed{153=90+63}", "153", 0.0, 1.0),
+    ("\\boxed{2650/2}", "1325", 0.0, 1.0),  # a fraction not in lowest terms
+    ("\\boxed{\\frac{2}{4}}", "0.5", 0.0, 1.0),
+    # equivalent forms of the number still score
+    ("\\boxed{1325}", "1325", 1.0, 1.0),
+    ("\\boxed{1,325}", "1325", 1.0, 1.0),
+    ("\\boxed{1{,}325}", "1325", 1.0, 1.0),
+    ("\\boxed{1325.0}", "1325", 1.0, 1.0),
+    ("\\boxed{\\$1,325.00}", "1325", 1.0, 1.0),
+    ("\\boxed{1325 \\text{ dollars}}", "1325", 1.0, 1.0),
+    ("\\boxed{-3}", "-3", 1.0, 1.0),
+    ("\\boxed{\\frac{1}{2}}", "0.5", 1.0, 1.0),
+    ("\\boxed{\\dfrac{-3}{8}}", "-0.375", 1.0, 1.0),
+    ("\\boxed{0.5}", "\\frac{1}{2}", 1.0, 1.0),
+    ("\\boxed{1\\frac{1}{2}}", "1.5", 1.0, 1.0),
+    ("\\boxed{1.5\\times 10^{3}}", "1500", 1.0, 1.0),
+    ("\\boxed{30^\\circ}", "30", 1.0, 1.0),
+    ("\\boxed{5\\%}", "5", 1.0, 1.0),
+    ("\\boxed{\\left(5\\right)}", "5", 1.0, 1.0),
+    ("\\boxed{= 5}", "5", 1.0, 1.0),
+    ("A: 18", "18", 1.0, 1.0),
+    # an equation (or approximation) counts by its last side
+    ("\\boxed{90+63=153}", "153", 1.0, 1.0),
+    ("\\boxed{x = 153}", "153", 1.0, 1.0),
+    ("$x\\approx 11$", "11", 1.0, 1.0),
+    # a gold answer that is not a number literal: math-verify's equivalence alone
+    ("\\boxed{\\frac{\\sqrt{12}}{4}}", "\\frac{\\sqrt{3}}{2}", 1.0, 1.0),
+    ("\\boxed{1+x^2}", "x^2+1", 1.0, 1.0),
+    ("\\boxed{2\\pi}", "2\\pi", 1.0, 1.0),
+    ("\\boxed{[1, 3)}", "[1,3)", 1.0, 1.0),
+    ("\\boxed{\\{2, 1\\}}", "\\{1, 2\\}", 1.0, 1.0),
+    ("\\boxed{y = -x/2 + 3/4}", "2x+4y-3=0", 1.0, 1.0),  # an equation as gold is not a number
+    ("$x = 1 + 2$", "x = 3", 1.0, 1.0),
+]
+
+
+@pytest.fixture(scope="module")
+def equivalent_verifier():
+    with MathVerifier(timeout_s=5.0, num_workers=1, number_answers="equivalent") as v:
+        yield v
+
+
+@pytest.mark.parametrize("completion,gold,literal,equivalent", NUMBER_ANSWER_CASES)
+def test_a_number_answered_by_an_expression_scores_zero_unless_switched_back(completion, gold, literal, equivalent):
+    assert score_one(completion, gold) == literal
+    assert score_one(completion, gold, number_answers="equivalent") == equivalent
+
+
+def test_the_number_convention_holds_in_the_workers_and_for_every_answer_format(verifier, equivalent_verifier):
+    completions, golds, literal, equivalent = map(list, zip(*NUMBER_ANSWER_CASES))
+    assert verifier(completions, golds) == literal
+    assert equivalent_verifier(completions, golds) == equivalent
+    lines = ["Answer: 591+734", "Answer: 1,325", "Answer: $\\frac{2650}{2}$", "Answer: 1325.", "Answer: x = 1325"]
+    with MathVerifier(timeout_s=5.0, num_workers=1, answer_format="answer_line") as v:
+        assert v(lines, ["1325"] * len(lines)) == [0.0, 1.0, 0.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("text", [
+    "1325", "-3", "+5", "1,325", "1{,}325", "1\\,325", "29,\\!322,\\!216", "1325.0", ".5", "-0.375", "\\frac{1}{2}",
+    "\\dfrac{-3}{4}", "-\\tfrac{3}{4}", "\\frac12", "14/3", "1\\frac{1}{2}", "1.5\\times 10^{3}", "2 \\cdot 10^{-4}",
+    "$5$", "\\$5", "5\\text{ cm}", "\\text{5}", "30^\\circ", "30^{\\circ}", "5\\%", "5%", "(5)", "\\left(5\\right)", "5.",
+])
+def test_number_literals(text):
+    assert is_number_literal(text)
+
+
+@pytest.mark.parametrize("text", [
+    "591+734", "90 + 63", "3^4-2", "2\\times 3", "\\sqrt{4}", "10^3", "2650/2", "\\frac{2650}{2}", "\\frac{0}{5}",
+    "\\frac{1}{0}", "1\\frac{3}{2}", "\\frac{1.5}{2}", "12,34", "1,22", "(1,234)", "x", "\\pi", "x = 5", "5!", "",
+    "15\\times 10^2", "1e3", None,
+])
+def test_not_number_literals(text):
+    assert not is_number_literal(text)
+
+
+@pytest.mark.parametrize("answer,states", [
+    ("153", True), ("90+63=153", True), ("x = 153", True), ("x\\approx 11", True), ("a = b = \\frac{1}{2}", True),
+    ("153 = 90+63", False), ("x \\geq 5", False), ("x >= 5", False), ("x != 5", False), ("x = 5 + 1", False), (None, False),
+])
+def test_an_equation_states_the_number_on_its_last_side(answer, states):
+    assert states_a_number(answer) == states
+
+
+def test_the_answer_read_is_the_one_math_verify_parses():
+    """`answer_read` finds the match `parse` answers from, also when the first match it tries fails."""
+    from polopt.verify import _parse, answer_read
+
+    for text in ["\\boxed{= 5}", "\\boxed{5\\text{ cm}}", "\\boxed{5} The final answer is $6$.", "A: 18", "so 90 + 63",
+                 "\\boxed{\\frac{2650}{2}}", "no number here", "\\boxed{1325.}"]:
+        parsed, read = _parse(text, None), answer_read(text)
+        if read is None:
+            assert all(isinstance(p, str) for p in parsed), text
+        else:
+            assert parsed[0] == read[0], text
+    assert answer_read("\\boxed{= 5}")[1] == "5" and answer_read("\\boxed{5\\text{ cm}}")[1] == "5"
+
+
+def test_number_answers_is_validated_and_survives_pickling():
+    with pytest.raises(ValueError, match=r"number_answers must be one of \('literal', 'equivalent'\), got 'exact'"):
+        MathVerifier(number_answers="exact")
+    with pytest.raises(ValueError, match="number_answers must be one of"):
+        score_one("\\boxed{1}", "1", number_answers="equivalence")
+    v = MathVerifier(timeout_s=5.0, num_workers=1, number_answers="equivalent")
+    clone = pickle.loads(pickle.dumps(v))
+    assert clone.number_answers == "equivalent" and "number_answers='equivalent'" in repr(clone)
+    with clone:
+        assert clone(["\\boxed{591+734}"], ["1325"]) == [1.0]
+
+
+def test_number_answers_is_a_config_key():
+    """`verifier.number_answers` in a recipe config, built the way the recipes build the verifier."""
+    from omegaconf import OmegaConf
+
+    from polopt.errors import ConfigError
+    from polopt.recipe_config import instantiate_component
+
+    section = {"_component_": "polopt.verify.MathVerifier", "num_workers": 1}
+    built = instantiate_component(OmegaConf.create({**section, "number_answers": "equivalent"}), "verifier")
+    assert built.number_answers == "equivalent" and instantiate_component(OmegaConf.create(section), "verifier").number_answers == "literal"
+    with pytest.raises(ConfigError, match=r"verifier \(polopt.verify.MathVerifier\): MathVerifier: number_answers must be one of"):
+        instantiate_component(OmegaConf.create({**section, "number_answers": "exact"}), "verifier")
+
+
+@st.composite
+def echoed_answers(draw):
+    """(completion, gold): the tiny-task echo "Q: a+b=? A: \\boxed{a+b}" for any a, b, also a-b and a×b,
+    boxed, in $...$ or as plain text ("\\times" only as LaTeX: plain text reads its last number)."""
+    a, b = draw(st.integers(0, 10**6)), draw(st.integers(0, 10**6))
+    template, value = draw(st.sampled_from([("{}+{}", a + b), ("{} + {}", a + b), ("{}-{}", a - b), ("{}\\times {}", a * b)]))
+    wraps = ["\\boxed{{{}}}", "The answer is ${}$.", "\\boxed{{{}}} is the answer"] + (["So {}"] if "times" not in template else [])
+    return draw(st.sampled_from(wraps)).format(template.format(a, b)), str(value)
+
+
+@given(echo=echoed_answers())
+def test_an_echoed_sum_scores_zero_and_one_when_switched_back(verifier, equivalent_verifier, echo):
+    completion, gold = echo
+    assert score_one(completion, gold) == 0.0 and score_one(completion, gold, number_answers="equivalent") == 1.0
+    assert verifier([completion], [gold]) == [0.0] and equivalent_verifier([completion], [gold]) == [1.0]
+
+
+@st.composite
+def integer_forms(draw):
+    """(an integer, a completion writing it as a number: separators, decimals, a unit, delimiters)."""
+    n = draw(st.integers(-10**12, 10**12))
+    digits = f"{abs(n):,}".replace(",", draw(st.sampled_from([",", "{,}", ",\\!"])))
+    text = ("-" if n < 0 else "") + draw(st.sampled_from([digits, str(abs(n))]))
+    text += draw(st.sampled_from(["", ".0", ".00"]))
+    text += draw(st.sampled_from(["", "\\text{ apples}", " \\text{cm}", "^\\circ", "\\%"]))
+    return n, draw(st.sampled_from(["\\boxed{{{}}}", "The final answer is ${}$.", "Answer: ${}$"])).format(text)
+
+
+@given(form=integer_forms())
+def test_an_integer_written_as_a_number_keeps_math_verify_verdict(verifier, equivalent_verifier, form):
+    """The convention takes nothing from a number written as a number; with separators, decimals
+    and units math-verify scores it 1 (with degrees or percent it does not always: "1,000^\\circ"
+    reads as a set, "5.0\\%" as 0.05)."""
+    n, completion = form
+    literal = score_one(completion, str(n))
+    assert literal == score_one(completion, str(n), number_answers="equivalent")
+    assert verifier([completion], [str(n)]) == [literal] == equivalent_verifier([completion], [str(n)])
+    if "circ" not in completion and "%" not in completion:
+        assert literal == 1.0
+
+
+@st.composite
+def terminating_fractions(draw):
+    """(p, q) in lowest terms with a decimal expansion of at most 6 places, and their decimal."""
+    q = draw(st.sampled_from([2, 4, 5, 8, 10, 16, 20, 25, 32, 40, 50, 64, 80, 125, 250, 625]))
+    p = draw(st.integers(-999, 999).filter(lambda p: p != 0 and math.gcd(p, q) == 1))
+    return p, q, str(Decimal(p) / Decimal(q))
+
+
+@given(fraction=terminating_fractions(), k=st.integers(2, 9),
+       spelling=st.sampled_from(["\\frac{{{}}}{{{}}}", "\\dfrac{{{}}}{{{}}}", "{}/{}"]))
+def test_a_reduced_fraction_scores_against_its_decimal_and_an_unreduced_one_only_when_switched_back(
+        verifier, equivalent_verifier, fraction, k, spelling):
+    p, q, decimal = fraction
+    reduced, unreduced = (f"\\boxed{{{spelling.format(p * m, q * m)}}}" for m in (1, k))
+    assert score_one(reduced, decimal) == 1.0 and score_one(unreduced, decimal) == 0.0
+    assert score_one(unreduced, decimal, number_answers="equivalent") == 1.0
+    assert verifier([reduced, unreduced], [decimal] * 2) == [1.0, 0.0]
+    assert equivalent_verifier([reduced, unreduced], [decimal] * 2) == [1.0, 1.0]

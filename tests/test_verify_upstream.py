@@ -9,6 +9,12 @@ installed math-verify must meet every expected verdict first. MathVerifier must 
 expected verdict on every case except those in `CONVENTIONS`, and on each of those the convention
 named must be what makes the difference: calling math-verify with that one change reproduces
 MathVerifier's verdict. The conventions are documented in docs/data.md.
+
+One convention is not a reading of the text but a rule on top of equivalence: a number is answered
+with a number (``number_answers="literal"``, the default). Three upstream cases assert that an
+expression or an unreduced fraction is equivalent to a number (`NUMBER_EXPRESSIONS`): they test
+math-verify's equivalence, not our rule, so they run under ``number_answers="equivalent"``; every
+other case runs with the default, and a test checks that the default scores those three 0.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from polopt.verify import MathVerifier, from_last_box, score_one
+from polopt.verify import MathVerifier, _gold_text, answer_read, from_last_box, prediction_text, restates_a_number, score_one
 
 CASES = [json.loads(line) for line in (Path(__file__).parent / "data" / "math_verify_cases.jsonl").open()]
 
@@ -55,6 +61,13 @@ CONVENTIONS = {
     "tests/test_strict.py:8:39": VERIFY_DEFAULTS,  # f(x) vs f(y) needs strict=False
 }
 
+# Cases asserting that an expression equals a number: scored with number_answers="equivalent".
+NUMBER_EXPRESSIONS = {
+    "tests/test_all.py:130:9": "(9+1) vs gold 10",
+    "tests/test_all.py:141:9": "\\frac3{3} vs gold 1: not in lowest terms",
+    "tests/test_all.py:922:9": "\\sqrt{17} vs gold 4.123105625617661",
+}
+
 
 def math_verify_verdict(case: dict, *, gold: str | None = None, pred: str | None = None,
                         targets: list[str] | None = None, verify_defaults: bool = False) -> int:
@@ -76,14 +89,25 @@ def math_verify_verdict(case: dict, *, gold: str | None = None, pred: str | None
     return int(verify(parse(gold, extraction), parse(pred, extraction), **options))
 
 
-@pytest.fixture(scope="module")
-def polopt_verdicts() -> dict[str, int]:
+def _verdicts(cases: list[dict], **options) -> dict[str, int]:
     """A generous timeout: a verdict, not the machine's load, is under test (one case takes ~8 s
     of sympy on a busy core)."""
-    with MathVerifier(timeout_s=60.0, num_workers=2) as verifier:
-        scores = verifier([c["pred"] for c in CASES], [c["gold"] for c in CASES])
+    with MathVerifier(timeout_s=60.0, num_workers=2, **options) as verifier:
+        scores = verifier([c["pred"] for c in cases], [c["gold"] for c in cases])
         assert verifier.stats()["verify/timeouts"] == 0 and verifier.stats()["verify/worker_deaths"] == 0
-    return {c["source"]: int(s) for c, s in zip(CASES, scores)}
+    return {c["source"]: int(s) for c, s in zip(cases, scores)}
+
+
+@pytest.fixture(scope="module")
+def default_verdicts() -> dict[str, int]:
+    return _verdicts(CASES)
+
+
+@pytest.fixture(scope="module")
+def polopt_verdicts(default_verdicts) -> dict[str, int]:
+    """The default's verdicts, except NUMBER_EXPRESSIONS under number_answers="equivalent"."""
+    listed = [c for c in CASES if c["source"] in NUMBER_EXPRESSIONS]
+    return {**default_verdicts, **_verdicts(listed, number_answers="equivalent")}
 
 
 def test_the_cases_are_upstream_data_with_their_provenance():
@@ -93,6 +117,7 @@ def test_the_cases_are_upstream_data_with_their_provenance():
         assert re.fullmatch(r"huggingface/Math-Verify@[0-9a-f]{40}", case["upstream"]), case
         assert case["expected"] in (0, 1)
     assert set(CONVENTIONS) <= {c["source"] for c in CASES}
+    assert set(NUMBER_EXPRESSIONS) <= {c["source"] for c in CASES} and not set(NUMBER_EXPRESSIONS) & set(CONVENTIONS)
 
 
 def test_installed_math_verify_meets_its_own_expected_verdicts():
@@ -124,6 +149,33 @@ def test_each_listed_difference_is_the_convention_it_is_listed_under(polopt_verd
         assert convention == BOXED_GOLD
         reproduced = math_verify_verdict(case, gold="\\boxed{" + case["gold"] + "}", targets=["latex", "expr"])
     assert reproduced == polopt_verdicts[source]
+
+
+def test_the_number_rule_scores_the_listed_expressions_zero_by_default(default_verdicts, polopt_verdicts):
+    """By default the listed cases score 0, because of the number rule alone: math-verify finds
+    them equivalent and `restates_a_number` holds. Any other case the rule turned from 1 to 0
+    would fail `test_polopt_gives_math_verify_verdict_outside_the_documented_conventions`."""
+    for source in NUMBER_EXPRESSIONS:
+        case = next(c for c in CASES if c["source"] == source)
+        assert case["expected"] == 1 and polopt_verdicts[source] == 1 and default_verdicts[source] == 0, source
+        assert restates_a_number(_gold_text(case["gold"]), prediction_text(case["pred"], "boxed", 4000)), source
+
+
+def test_answer_read_is_the_match_math_verify_parses():
+    """The number rule reads the answer `answer_read` finds: on every upstream gold and prediction
+    it is the answer math-verify's `parse` returns."""
+    from polopt.verify import _parse
+
+    logging.getLogger("math_verify").setLevel(logging.CRITICAL)
+    for case in CASES:
+        for text in (_gold_text(case["gold"]), prediction_text(case["pred"], "boxed", 4000)):
+            if text is None:
+                continue
+            parsed, read = _parse(text, None), answer_read(text)
+            if read is None:
+                assert all(isinstance(p, str) for p in parsed), (case["source"], text)
+            else:
+                assert parsed and parsed[0] == read[0], (case["source"], text)
 
 
 # --------------------------------------------------------------------------- the answer-line format

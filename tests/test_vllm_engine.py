@@ -181,6 +181,24 @@ def test_untied_model_syncs_lm_head(untied_dir):
     assert result["max_diff_new"] <= LOGPROB_BOUND and result["max_diff_old"] > 1e-2
 
 
+def test_llama_engine_follows_the_trainer_through_weight_syncs():
+    """A real Llama-architecture model (SmolLM2-135M-Instruct, `make smollm2`): the engine's log-probs
+    equal those of the trainer's torchtune model (built from config.json) before any sync, and after
+    syncing a changed tied embedding, then every weight; they differ from the old weights'."""
+    model_dir = REPO / "assets" / "smollm2-135m-instruct"
+    if not (model_dir / "PROVENANCE.md").is_file():
+        pytest.fail(f"{model_dir} is missing: run `make smollm2` (make test does)")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "scripts" / "vllm_llama_sync.py"), str(model_dir)],
+        capture_output=True, text=True, timeout=600, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["num_tokens"] > 8
+    assert result["max_diff_base"] <= LOGPROB_BOUND and result["max_diff_new"] <= LOGPROB_BOUND
+    assert result["max_diff_old"] > 1e-2
+
+
 # ---------------------------------------------------------------- bad input
 
 

@@ -1,0 +1,58 @@
+"""Child process of tests/test_vllm_engine.py (one vllm.LLM per process): a vLLM engine on a real
+Llama-architecture model (SmolLM2-135M-Instruct, tied embeddings) beside the trainer's torchtune
+model built by `polopt.models.hf_model`. Sample chat prompts, compare the engine's log-probs with the
+trainer's; change the tied embedding alone, then every weight, sync each time; print as JSON the
+largest |engine − trainer| gap before any sync, against the new and against the old weights."""
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from polopt.models import hf_checkpointer, hf_model
+from polopt.policy import response_logprobs
+from polopt.prompts import PromptDataset, load_rows
+from polopt.rollout import VLLMRolloutEngine
+from polopt.tokenizer import HFTokenizer
+from tests.test_vllm_engine import max_diff, params_for, perturbed, sample_and_recompute
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def trainer_model(model_dir: Path) -> torch.nn.Module:
+    model = hf_model(str(model_dir), max_seq_len=256)
+    model.load_state_dict(hf_checkpointer(str(model_dir), tempfile.mkdtemp()).load_checkpoint()["model"])
+    return model.eval()
+
+
+def main(model_dir: Path) -> None:
+    torch.manual_seed(0)
+    tokenizer = HFTokenizer(str(model_dir))
+    rows = load_rows(str(REPO / "assets" / "data" / "addition_chat_val.jsonl"))[:4]
+    dataset = PromptDataset(rows, tokenizer, template="chat")
+    prompts = [dataset[i].token_ids for i in range(len(dataset))]
+    trainer, old = trainer_model(model_dir), trainer_model(model_dir)
+    engine = VLLMRolloutEngine(str(model_dir), seed=0, dtype="float32", enforce_eager=True, max_model_len=256,
+                               kv_cache_memory_bytes=64 << 20)
+    params = params_for(tokenizer, max_new_tokens=16)
+    batch, logprobs = sample_and_recompute(engine, trainer, tokenizer, prompts, params, num_samples=2)
+    gaps = {"max_diff_base": max_diff(batch, logprobs), "max_diff_new": 0.0, "max_diff_old": float("inf"),
+            "num_tokens": int(batch.num_tokens)}
+    state = {k: v.clone() for k, v in trainer.state_dict().items()}
+    for seed, names in enumerate([{"tok_embeddings.weight"}, set(state)]):
+        old.load_state_dict(state)
+        state = perturbed(state, names, seed, scale=0.01)
+        trainer.load_state_dict(state)
+        engine.sync_weights(trainer.state_dict())
+        batch, new_logprobs = sample_and_recompute(engine, trainer, tokenizer, prompts, params, num_samples=2)
+        with torch.no_grad():
+            old_logprobs = response_logprobs(old, batch)[0]
+        gaps["max_diff_new"] = max(gaps["max_diff_new"], max_diff(batch, new_logprobs))
+        gaps["max_diff_old"] = min(gaps["max_diff_old"], max_diff(batch, old_logprobs))
+    print(json.dumps(gaps))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
