@@ -97,6 +97,7 @@ def evaluation_overrides(task: dict, model_dir: Path, out: Path, k: int) -> list
         f"model_dir={model_dir}", f"output_dir={out}", "overwrite=true",
         f"datasets=[{json.dumps(dataset)}]", f"k={k}", f"pass_k=[{','.join(str(j) for j in PASS_K if j <= k)}]",
         f"temperature={task['temperature']}", f"top_p={task['top_p']}", f"max_new_tokens={task['max_new_tokens']}",
+        "save_answers=true",
     ]
 
 
@@ -104,8 +105,29 @@ def evaluate_model(model_dir: Path, out: Path, task: dict, k: int, log_path: Pat
     if not (out / "eval.json").exists():
         _tune("recipes/evaluate.py", "configs/evaluate.yaml", evaluation_overrides(task, model_dir, out, k), log_path)
     result = json.loads((out / "eval.json").read_text())["datasets"]["val"]
-    return {key: result[key] for key in ("avg_at_k", "pass_at_k", "n_questions", "k", "seconds",
-                                         *(f"pass@{j}" for j in PASS_K if j <= k))}
+    return {**{key: result[key] for key in ("avg_at_k", "pass_at_k", "n_questions", "k", "seconds",
+                                            *(f"pass@{j}" for j in PASS_K if j <= k))},
+            **answer_forms(out / "answers_val.jsonl")}
+
+
+def answer_forms(path: Path) -> dict:
+    """Of the rewarded answers in an evaluation's answers file, how many give a bare number literal
+    (`1325`) rather than an equation that ends in one (`591+734=1325`, which the verifier also
+    rewards); an example of each form. Empty when the file is absent (an evaluation made before
+    answers were saved)."""
+    from polopt.verify import answer_read, is_number_literal, prediction_text
+
+    if not path.is_file():
+        return {}
+    rewarded = [a["answer"] for a in map(json.loads, path.read_text().splitlines()) if a["reward"] > 0]
+    reads = [answer_read(t) if t is not None else None for t in (prediction_text(a, "boxed", 4000) for a in rewarded)]
+    literal = [is_number_literal(r[1]) if r else False for r in reads]
+    return {
+        "rewarded_answers": len(rewarded),
+        "rewarded_number_literal_frac": sum(literal) / len(rewarded) if rewarded else None,
+        "rewarded_examples": {"number": next((a for a, lit in zip(rewarded, literal) if lit), None),
+                              "equation": next((a for a, lit in zip(rewarded, literal) if not lit), None)},
+    }
 
 
 def _without_output_dir(command: str) -> list[str]:
@@ -295,13 +317,15 @@ def write_report(name: str, results: dict[str, list[dict]], variants: dict[str, 
         "**clip**: mean over steps of the fraction of tokens the loss clips (`clip_frac` for the GRPO family, "
         "`neg_clip_frac` for NFT: negative tokens whose (1 − r̂R)/(1 − r̂) falls below ε; RFT and InfoNCA clip "
         "nothing); **max R**: mean over steps of log max π/π_old in the batch, shown as exp (how far the "
-        "policy moved off π_old within a rollout).",
+        "policy moved off π_old within a rollout). **rewarded: bare number**: of the final model's rewarded "
+        "answers, the fraction whose answer is a bare number literal (`1325`) rather than an equation ending in "
+        "one (`591+734=1325`); expressions that only restate the question (`591+734`) score 0 (docs/data.md).",
         "",
         f"Base model ({task['model_dir']}): " + ", ".join(f"{key} {base_eval[key]:.3f}" for key in pk),
         "",
         f"| variant | runs | initial avg@{val_k} | final avg@{val_k} (mean ± std) | AUC | "
-        + " | ".join(pk) + " | entropy first → last | clip (metric) | max R | train s/run | eval s/run |",
-        "|---|---:|---:|---:|---:|" + "---:|" * len(pk) + "---:|---:|---:|---:|---:|",
+        + " | ".join(pk) + " | entropy first → last | clip (metric) | max R | rewarded: bare number | train s/run | eval s/run |",
+        "|---|---:|---:|---:|---:|" + "---:|" * len(pk) + "---:|---:|---:|---:|---:|---:|",
     ]
     for label, runs in results.items():
         fa, fs = _mean_std([r["final_accuracy"] for r in runs])
@@ -317,8 +341,11 @@ def write_report(name: str, results: dict[str, list[dict]], variants: dict[str, 
         ratio = f"{math.exp(statistics.fmean(log_ratio)):.2f}" if log_ratio else "–"
         train_s = statistics.fmean(r["train_seconds"] for r in runs)
         eval_s = statistics.fmean(r["eval_seconds"] for r in runs)
+        literal = [r["eval"]["rewarded_number_literal_frac"] for r in runs
+                   if r["eval"].get("rewarded_number_literal_frac") is not None]
+        bare = f"{statistics.fmean(literal):.2f}" if literal else "–"
         lines.append(f"| {label} | {len(runs)} | {ia:.3f} | {fa:.3f} ± {fs:.3f} | {aa:.3f} | " + " | ".join(passes)
-                     + f" | {e0:.3f} → {e1:.3f} | {clip} | {ratio} | {train_s:.0f} | {eval_s:.0f} |")
+                     + f" | {e0:.3f} → {e1:.3f} | {clip} | {ratio} | {bare} | {train_s:.0f} | {eval_s:.0f} |")
     lines += [
         "",
         f"## Difference to {reference_base} (paired by seed)",

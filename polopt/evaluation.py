@@ -53,6 +53,7 @@ def evaluate_prompts(
     batch_size: int = 64,
     progress: bool = False,
     desc: str = "eval",
+    keep_answers: bool = False,
 ) -> dict[str, float]:
     """Sample `k` answers for each `Prompt`, verify, and score (as training does: `generate_and_verify`).
 
@@ -62,7 +63,8 @@ def evaluate_prompts(
     over this call when it keeps them (`verify/timeouts`, `verify/worker_deaths`,
     `verify/filtered_as_code`, `verify/answers`: see `polopt.verify.verification_counts`), and
     "correct_per_question" (a list, the correct count of each question in order: the input of
-    `pass_at_k`).
+    `pass_at_k`). With `keep_answers`, also "answers": one dict per sampled answer (question, gold,
+    answer text, reward, truncated), questions in order.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -70,6 +72,7 @@ def evaluate_prompts(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     correct = solved = tokens = truncated = 0.0
     per_question: list[int] = []
+    answers: list[dict] = []
     counts_before = verification_counts(verifier)
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
     for start in range(0, len(prompts), batch_size):
@@ -81,6 +84,9 @@ def evaluate_prompts(
             correct += sum(g.rewards)
             solved += float(max(g.rewards) > 0)
             per_question.append(int(sum(r > 0 for r in g.rewards)))
+        if keep_answers:
+            answers += [{"question": p.text, "gold": p.answer, "answer": c.text, "reward": r, "truncated": c.truncated}
+                        for p, g in zip(chunk, groups) for c, r in zip(g.completions, g.rewards)]
         tokens += sum(len(c.token_ids) for c in flat)
         truncated += sum(c.truncated for c in flat)
         bar.update(len(chunk))
@@ -98,6 +104,7 @@ def evaluate_prompts(
         "truncation_rate": truncated / samples,
         **verification_counts(verifier, counts_before),
         "correct_per_question": per_question,
+        **({"answers": answers} if keep_answers else {}),
     }
 
 

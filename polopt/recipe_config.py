@@ -138,6 +138,7 @@ EVAL_SCHEMA: dict[str, Any] = {
     "max_prompt_tokens": (_OPTIONAL_INT, None),
     "max_questions": (_OPTIONAL_INT, None),
     "batch_size": (int, 64),
+    "save_answers": (bool, False),  # answers_<dataset>.jsonl beside eval.json: every sampled answer and its reward
     "model": ("component", None),
     "tokenizer": ("component", None),
     "checkpointer": ("component", None),

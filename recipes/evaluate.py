@@ -109,6 +109,7 @@ class EvaluateRecipe:
     def evaluate(self) -> dict:
         cfg = self.cfg
         results = {}
+        self.answers: dict[str, list[dict]] = {}
         for name, entry, dataset in self.datasets:
             prompts = [dataset[j] for j in range(len(dataset))][: entry.max_questions or cfg.max_questions]
             k = int(entry.k or cfg.k)
@@ -124,8 +125,10 @@ class EvaluateRecipe:
             start = time.perf_counter()
             scores = evaluate_prompts(
                 self.engine, self.verifier, prompts, k=k, params=params,
-                batch_size=int(cfg.batch_size), progress=True, desc=name,
+                batch_size=int(cfg.batch_size), progress=True, desc=name, keep_answers=cfg.save_answers,
             )
+            if cfg.save_answers:
+                self.answers[name] = scores.pop("answers")
             scores["seconds"] = round(time.perf_counter() - start, 2)
             for j in self.cfg.pass_k:
                 scores[f"pass@{j}"] = pass_at_k(scores["correct_per_question"], k, j)
@@ -145,6 +148,9 @@ class EvaluateRecipe:
         out.mkdir(parents=True, exist_ok=True)
         payload = {"model_dir": str(self.cfg.get("model_dir")), "datasets": results}
         (out / "eval.json").write_text(json.dumps(payload, indent=2))
+        for name, answers in self.answers.items():
+            with open(out / f"answers_{name}.jsonl", "w") as f:
+                f.writelines(json.dumps(a) + "\n" for a in answers)
         extra = [f"pass@{j}" for j in self.cfg.pass_k]
         lines = ["| dataset | n | k | avg@k | pass@k (solved in k) |" + "".join(f" {c} |" for c in extra),
                  "|---|---:|---:|---:|---:|" + "---:|" * len(extra)]

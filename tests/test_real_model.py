@@ -126,7 +126,7 @@ def test_trained_smollm2_is_evaluated_served_by_vllm_and_trained_again(trained, 
     out, _, env = trained
     final = out / "final"
     polopt(env, "evaluate", "--config", "smollm2_addition_eval", f"model_dir={final}", f"output_dir={tmp_path / 'eval'}",
-           "datasets.0.max_questions=8", "k=2", "pass_k=[1,2]", "max_new_tokens=16")
+           "datasets=[{source: assets/data/addition_chat_val.jsonl, name: addition_val, max_questions: 8}]", "k=2", "pass_k=[1,2]", "max_new_tokens=16")
     result = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert result["datasets"]["addition_val"]["n_questions"] == 8
 
