@@ -145,7 +145,7 @@ def test_tokenizer_check_names_what_is_missing_in_one_line():
     with pytest.raises(ConfigError, match=r"^tokenizer \(Incomplete\) lacks tokenize_messages, stop_tokens, which the "
                                           r"recipes use; set tokenizer._component_=polopt.tokenizer.HFTokenizer"):
         check_tokenizer(Incomplete())
-    with pytest.raises(ConfigError, match=r"pad/stop ids \[300\] are outside the model's vocabulary \(256\)"):
+    with pytest.raises(ConfigError, match=r"pad/stop ids \[263, 300\] are outside the model.s vocabulary \(256\)"):
         tokenizer = HFTokenizer(str(TINY))
         tokenizer.stop_tokens = [300]
         check_tokenizer(tokenizer, vocab_size=256)
