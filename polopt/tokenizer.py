@@ -53,6 +53,9 @@ class HFTokenizer:
         self.path = str(folder)
         self.max_seq_len = max_seq_len
         self.hf = AutoTokenizer.from_pretrained(self.path)
+        # Prompt lengths are checked against the model and the config (PromptDataset.check_fits), with
+        # the keys to set; transformers' own warning about its model_max_length would only add noise.
+        self.hf.model_max_length = int(1e30)
         self.stop_tokens = self._stop_tokens(folder)
         pad = self.hf.pad_token_id
         self.pad_id = int(pad) if pad is not None else self.stop_tokens[0]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -264,6 +265,8 @@ TRAIN_ERRORS = {
     "loss_args section typo": (["loss_args.nfft.epsilon=0.5"], ["'loss_args.nfft'", "not a registered loss"]),
     "loss_args key typo": (["loss_args.grpo.clip_hihg=0.3"], ["'loss_args.grpo.clip_hihg'", "clip_high"]),
     "unknown loss": (["loss=reinforce_baseline"], ["reinforce_baseline", "loss_modules"]),
+    "missing dataset file": (["dataset.source=/no/such/file.jsonl"], ["/no/such/file.jsonl"]),
+    "max_steps not a number": (["max_steps=two"], ["max_steps"]),
     "unimportable loss module": (["loss_modules=[no_such_losses]"], ["loss_modules[0]", "no_such_losses"]),
     "component key typo (dataset)": (["dataset.sorce=x.jsonl"],
                                      ["unknown config key 'dataset.sorce'", "polopt.prompts.prompt_dataset", "source"]),
@@ -326,6 +329,7 @@ EVAL_ERRORS = {
     "missing answer field": (["datasets=[{source: assets/tiny_arith/val.jsonl, answer_field: solution}]"],
                              ["val.jsonl:1:", "Set datasets[0].answer_field"]),
     "k below 1": (["k=0"], ["'k' must be >= 1"]),
+    "missing dataset file": (["datasets=[/no/such/set.jsonl]"], ["/no/such/set.jsonl"]),
     # configs/evaluate.yaml asks for pass@1/4/16
     "pass_k above k": (["k=4"], ["'pass_k' asks for pass@16", "k=4", "drop 16 from pass_k"]),
     "pass_k not a list": (["pass_k=4"], ["'pass_k' must be a list"]),
