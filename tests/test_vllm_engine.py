@@ -132,6 +132,25 @@ def perturbed(state: dict, names, seed: int, scale: float = 0.05) -> dict:
     return {k: v + scale * torch.randn(v.shape, generator=g) if k in names else v.clone() for k, v in state.items()}
 
 
+def sync_gaps(engine, trainer, old, tokenizer, prompts, params, changes, *, scale=0.05, num_samples=4) -> dict:
+    """Change the weights named in each of `changes` in turn (seeded), load them into `trainer`, sync
+    the engine, sample; the largest |engine − trainer| log-prob gap against the new weights and the
+    smallest against the weights before the change (`old` holds those). Child-process scripts use it."""
+    gaps = {"max_diff_new": 0.0, "max_diff_old": float("inf")}
+    state = {k: v.clone() for k, v in trainer.state_dict().items()}
+    for seed, names in enumerate(changes):
+        old.load_state_dict(state)
+        state = perturbed(state, names, seed, scale)
+        trainer.load_state_dict(state)
+        engine.sync_weights(trainer.state_dict())
+        batch, new_logprobs = sample_and_recompute(engine, trainer, tokenizer, prompts, params, num_samples)
+        with torch.no_grad():
+            old_logprobs = response_logprobs(old, batch)[0]
+        gaps["max_diff_new"] = max(gaps["max_diff_new"], max_diff(batch, new_logprobs))
+        gaps["max_diff_old"] = min(gaps["max_diff_old"], max_diff(batch, old_logprobs))
+    return gaps
+
+
 def test_sync_weights_reaches_every_weight_tied_embedding_included(tiny, engine, trainer):
     """(b) Several syncs of changed weights: the engine follows the trainer each time, and
     differs from the weights before. The first change is the tied embedding alone (what vLLM's

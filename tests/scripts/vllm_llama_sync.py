@@ -12,11 +12,10 @@ from pathlib import Path
 import torch
 
 from polopt.models import hf_checkpointer, hf_model
-from polopt.policy import response_logprobs
 from polopt.prompts import PromptDataset, load_rows
 from polopt.rollout import VLLMRolloutEngine
 from polopt.tokenizer import HFTokenizer
-from tests.test_vllm_engine import max_diff, params_for, perturbed, sample_and_recompute
+from tests.test_vllm_engine import max_diff, params_for, sample_and_recompute, sync_gaps
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -38,19 +37,9 @@ def main(model_dir: Path) -> None:
                                kv_cache_memory_bytes=64 << 20)
     params = params_for(tokenizer, max_new_tokens=16)
     batch, logprobs = sample_and_recompute(engine, trainer, tokenizer, prompts, params, num_samples=2)
-    gaps = {"max_diff_base": max_diff(batch, logprobs), "max_diff_new": 0.0, "max_diff_old": float("inf"),
-            "num_tokens": int(batch.num_tokens)}
-    state = {k: v.clone() for k, v in trainer.state_dict().items()}
-    for seed, names in enumerate([{"tok_embeddings.weight"}, set(state)]):
-        old.load_state_dict(state)
-        state = perturbed(state, names, seed, scale=0.01)
-        trainer.load_state_dict(state)
-        engine.sync_weights(trainer.state_dict())
-        batch, new_logprobs = sample_and_recompute(engine, trainer, tokenizer, prompts, params, num_samples=2)
-        with torch.no_grad():
-            old_logprobs = response_logprobs(old, batch)[0]
-        gaps["max_diff_new"] = max(gaps["max_diff_new"], max_diff(batch, new_logprobs))
-        gaps["max_diff_old"] = min(gaps["max_diff_old"], max_diff(batch, old_logprobs))
+    gaps = {"max_diff_base": max_diff(batch, logprobs), "num_tokens": int(batch.num_tokens),
+            **sync_gaps(engine, trainer, old, tokenizer, prompts, params,
+                        [{"tok_embeddings.weight"}, set(trainer.state_dict())], scale=0.01, num_samples=2)}
     print(json.dumps(gaps))
 
 

@@ -6,16 +6,12 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 from torchtune.models.qwen2 import qwen2
 
 from polopt.models import TINY_ARITH
-from polopt.policy import response_logprobs
 from polopt.prompts import PromptDataset, load_rows
 from polopt.rollout import VLLMRolloutEngine
-from tests.test_vllm_engine import (
-    ASSET, ENGINE_KWARGS, load_trainer_model, max_diff, params_for, perturbed, sample_and_recompute,
-)
+from tests.test_vllm_engine import ASSET, ENGINE_KWARGS, load_trainer_model, params_for, sync_gaps
 
 
 def untied_tiny_arith():
@@ -34,18 +30,8 @@ def main(model_dir: Path) -> None:
     trainer = load_trainer_model(model_dir, untied_tiny_arith)
     old = load_trainer_model(model_dir, untied_tiny_arith)
     engine = VLLMRolloutEngine(str(model_dir), seed=0, **ENGINE_KWARGS)
-    gaps = {"max_diff_new": 0.0, "max_diff_old": float("inf")}
-    state = {k: v.clone() for k, v in trainer.state_dict().items()}
-    for seed, names in enumerate([{"output.weight"}, set(state)]):
-        old.load_state_dict(state)
-        state = perturbed(state, names, seed)
-        trainer.load_state_dict(state)
-        engine.sync_weights(trainer.state_dict())
-        batch, new_logprobs = sample_and_recompute(engine, trainer, tokenizer, prompts, params_for(tokenizer))
-        with torch.no_grad():
-            old_logprobs = response_logprobs(old, batch)[0]
-        gaps["max_diff_new"] = max(gaps["max_diff_new"], max_diff(batch, new_logprobs))
-        gaps["max_diff_old"] = min(gaps["max_diff_old"], max_diff(batch, old_logprobs))
+    gaps = sync_gaps(engine, trainer, old, tokenizer, prompts, params_for(tokenizer),
+                     [{"output.weight"}, set(trainer.state_dict())])
     print(json.dumps(gaps))
 
 
