@@ -111,22 +111,30 @@ def evaluate_model(model_dir: Path, out: Path, task: dict, k: int, log_path: Pat
 
 
 def answer_forms(path: Path) -> dict:
-    """Of the rewarded answers in an evaluation's answers file, how many give a bare number literal
-    (`1325`) rather than an equation that ends in one (`591+734=1325`, which the verifier also
-    rewards); an example of each form. Empty when the file is absent (an evaluation made before
-    answers were saved)."""
-    from polopt.verify import answer_read, is_number_literal, prediction_text
+    """Of the rewarded answers in an evaluation's answers file, the fraction that are a bare number
+    (the whole answer is a number literal, `1325.`) rather than a sentence or an equation ending in
+    the number (`591+734=1325`, which the verifier also rewards); an example of each. Empty when the
+    file is absent (an evaluation made before answers were saved)."""
+    from polopt.verify import MathVerifier, is_number_literal
 
     if not path.is_file():
         return {}
-    rewarded = [a["answer"] for a in map(json.loads, path.read_text().splitlines()) if a["reward"] > 0]
-    reads = [answer_read(t) if t is not None else None for t in (prediction_text(a, "boxed", 4000) for a in rewarded)]
-    literal = [is_number_literal(r[1]) if r else False for r in reads]
+    answers = [json.loads(line) for line in path.read_text().splitlines()]
+    rewarded = [a["answer"].strip() for a in answers if a["reward"] > 0]
+    bare = [is_number_literal(a) for a in rewarded]
+    # What math-verify's pure equivalence would also have paid for: the question restated, unevaluated.
+    unpaid = [a for a in answers if a["reward"] == 0 and not a["truncated"]]
+    with MathVerifier(num_workers=1, number_answers="equivalent") as equivalent:
+        echoed = [a["answer"] for a, s in zip(unpaid, equivalent([a["answer"] for a in unpaid], [a["gold"] for a in unpaid]))
+                  if s > 0]
     return {
+        "answers": len(answers),
+        "echoed_answers": len(echoed),
+        "echoed_example": echoed[0] if echoed else None,
         "rewarded_answers": len(rewarded),
-        "rewarded_number_literal_frac": sum(literal) / len(rewarded) if rewarded else None,
-        "rewarded_examples": {"number": next((a for a, lit in zip(rewarded, literal) if lit), None),
-                              "equation": next((a for a, lit in zip(rewarded, literal) if not lit), None)},
+        "rewarded_number_literal_frac": sum(bare) / len(rewarded) if rewarded else None,
+        "rewarded_examples": {"number": next((a for a, b in zip(rewarded, bare) if b), None),
+                              "other": next((a for a, b in zip(rewarded, bare) if not b), None)},
     }
 
 
@@ -318,14 +326,16 @@ def write_report(name: str, results: dict[str, list[dict]], variants: dict[str, 
         "`neg_clip_frac` for NFT: negative tokens whose (1 − r̂R)/(1 − r̂) falls below ε; RFT and InfoNCA clip "
         "nothing); **max R**: mean over steps of log max π/π_old in the batch, shown as exp (how far the "
         "policy moved off π_old within a rollout). **rewarded: bare number**: of the final model's rewarded "
-        "answers, the fraction whose answer is a bare number literal (`1325`) rather than an equation ending in "
-        "one (`591+734=1325`); expressions that only restate the question (`591+734`) score 0 (docs/data.md).",
+        "answers, the fraction that are a bare number (`1325`) rather than an equation or sentence ending in "
+        "one (`591+734=1325`); expressions that only restate the question (`591+734`) score 0 (docs/data.md). "
+        "**echoed**: answers (of all the final model's evaluation answers) that math-verify's pure equivalence "
+        "would have rewarded and the number-literal rule did not: the question restated, unevaluated.",
         "",
         f"Base model ({task['model_dir']}): " + ", ".join(f"{key} {base_eval[key]:.3f}" for key in pk),
         "",
         f"| variant | runs | initial avg@{val_k} | final avg@{val_k} (mean ± std) | AUC | "
-        + " | ".join(pk) + " | entropy first → last | clip (metric) | max R | rewarded: bare number | train s/run | eval s/run |",
-        "|---|---:|---:|---:|---:|" + "---:|" * len(pk) + "---:|---:|---:|---:|---:|---:|",
+        + " | ".join(pk) + " | entropy first → last | clip (metric) | max R | rewarded: bare number | echoed | train s/run | eval s/run |",
+        "|---|---:|---:|---:|---:|" + "---:|" * len(pk) + "---:|---:|---:|---:|---:|---:|---:|",
     ]
     for label, runs in results.items():
         fa, fs = _mean_std([r["final_accuracy"] for r in runs])
@@ -344,8 +354,10 @@ def write_report(name: str, results: dict[str, list[dict]], variants: dict[str, 
         literal = [r["eval"]["rewarded_number_literal_frac"] for r in runs
                    if r["eval"].get("rewarded_number_literal_frac") is not None]
         bare = f"{statistics.fmean(literal):.2f}" if literal else "–"
+        echoed = (f"{sum(r['eval']['echoed_answers'] for r in runs)}/{sum(r['eval']['answers'] for r in runs)}"
+                  if all("echoed_answers" in r["eval"] for r in runs) else "–")
         lines.append(f"| {label} | {len(runs)} | {ia:.3f} | {fa:.3f} ± {fs:.3f} | {aa:.3f} | " + " | ".join(passes)
-                     + f" | {e0:.3f} → {e1:.3f} | {clip} | {ratio} | {bare} | {train_s:.0f} | {eval_s:.0f} |")
+                     + f" | {e0:.3f} → {e1:.3f} | {clip} | {ratio} | {bare} | {echoed} | {train_s:.0f} | {eval_s:.0f} |")
     lines += [
         "",
         f"## Difference to {reference_base} (paired by seed)",
