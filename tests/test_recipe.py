@@ -65,23 +65,28 @@ def history(output_dir: Path) -> list[dict]:
     return json.loads((output_dir / "history.json").read_text())
 
 
-@pytest.mark.slow
-def test_every_registered_loss_runs_two_steps(tmp_path, monkeypatch):
-    """Every loss through the recipe (in this process: the `tune run` path has its own tests)."""
+def run_in_process(output_dir: Path, *overrides: str) -> None:
+    """The tiny config with SMALL and `overrides` through the recipe class in this process: what
+    `tune run` does after parsing, without a process start per run (the `tune run` path has its own
+    tests). Run from the repository root (the config's paths are relative to it)."""
     from omegaconf import OmegaConf
 
+    cfg = OmegaConf.merge(OmegaConf.load(REPO / "configs" / "tiny_arith.yaml"),
+                          OmegaConf.from_dotlist([f"output_dir={output_dir}", *SMALL, *overrides]))
+    recipe = _load_recipe_class()(cfg)
+    recipe.setup()
+    recipe.train()
+    recipe.cleanup()
+
+
+@pytest.mark.slow
+def test_every_registered_loss_runs_two_steps(tmp_path, monkeypatch):
     from polopt.losses import list_losses
 
     monkeypatch.chdir(REPO)
-    recipe_class = _load_recipe_class()
     for loss in list_losses():
         out = tmp_path / loss
-        cfg = OmegaConf.merge(OmegaConf.load(REPO / "configs" / "tiny_arith.yaml"), OmegaConf.from_dotlist(
-            [f"output_dir={out}", *SMALL, f"loss={loss}", "max_steps=2", "save_final_model=false"]))
-        recipe = recipe_class(cfg)
-        recipe.setup()
-        recipe.train()
-        recipe.cleanup()
+        run_in_process(out, f"loss={loss}", "max_steps=2", "save_final_model=false")
         steps = [h for h in history(out) if h["step"] > 0]
         assert [h["step"] for h in steps] == [1, 2], loss
         for h in steps:
@@ -198,7 +203,7 @@ def test_every_data_file_a_config_names_is_in_the_checkout():
 
 
 @pytest.mark.slow
-def test_fused_materialised_and_packed_logprobs_give_the_same_first_steps(tmp_path):
+def test_fused_materialised_and_packed_logprobs_give_the_same_first_steps(tmp_path, monkeypatch):
     """Issue 6: the fused chunked log-prob op is a drop-in for materialised logits in the recipe;
     issue 15: so is the packed layout (pack_sequences, polopt/packing.py), π_old recomputed too.
     GRPO's on-policy loss is not 0 (unlike NFT's), so the loss values themselves are compared."""
@@ -208,10 +213,11 @@ def test_fused_materialised_and_packed_logprobs_give_the_same_first_steps(tmp_pa
         "packed": ["fused_logprobs=true", "pack_sequences=true"],
     }
     runs = {}
+    monkeypatch.chdir(REPO)
     for name, overrides in variants.items():
         out = tmp_path / name
-        tune_run(out, "loss=grpo", "max_steps=2", "logprob_chunk_size=7", "recompute_old_logprobs=true",
-                 "save_final_model=false", *overrides)
+        run_in_process(out, "loss=grpo", "max_steps=2", "logprob_chunk_size=7", "recompute_old_logprobs=true",
+                       "save_final_model=false", *overrides)
         runs[name] = [h for h in history(out) if "loss" in h]
     assert [len(r) for r in runs.values()] == [2, 2, 2]
     for name in ("materialised", "packed"):
