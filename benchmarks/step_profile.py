@@ -64,9 +64,10 @@ def load_recipe(threads: int):
     return recipe
 
 
-def run_recipe(recipe, steps: int, out: Path, overrides: list[str]) -> list[dict]:
-    """step_vs_trl's step for `steps` steps through `recipe.recipe_main`; returns history.json."""
-    sys.argv = ["recipes/online_rl_distributed.py", *polopt_arguments(steps, out), *overrides]
+def run_recipe(recipe, steps: int, out: Path, overrides: list[str], step=None) -> list[dict]:
+    """step_vs_trl's step (default: the tiny model's; `step`: a `step_vs_trl.Step`) for `steps` steps
+    through `recipe.recipe_main`; returns history.json."""
+    sys.argv = ["recipes/online_rl_distributed.py", *polopt_arguments(steps, out, step), *overrides]
     try:
         recipe.recipe_main()
     except SystemExit as e:

@@ -51,7 +51,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, environment, write_results  # noqa: E402
-from step_profile import load_recipe  # noqa: E402
+from step_profile import load_recipe, run_recipe  # noqa: E402
 from step_vs_trl import (POLOPT_SIDES, SIDES, Step, add_step_arguments, polopt_arguments, step_from_arguments,  # noqa: E402
                          trl_answer_tokens, trl_trainer)
 
@@ -234,17 +234,6 @@ class PhaseMeter:
         }
 
 
-def run_step_recipe(recipe, steps: int, out: Path, overrides: list[str], step: Step) -> list[dict]:
-    """The recipe (imported in this process) for `steps` steps of `step`; returns history.json."""
-    sys.argv = ["recipes/online_rl_distributed.py", *polopt_arguments(steps, out, step), *overrides]
-    try:
-        recipe.recipe_main()
-    except SystemExit as e:
-        if e.code:
-            raise
-    return json.loads((out / "history.json").read_text())
-
-
 def polopt_worker(steps: int, threads: int, overrides: list[str], step: Step) -> dict:
     recipe = load_recipe(threads)
     meter = PhaseMeter()
@@ -254,7 +243,7 @@ def polopt_worker(steps: int, threads: int, overrides: list[str], step: Step) ->
     meter.wrap(cls, "update_policy", "update", minus=("optimizer",), ends_step=True)
     meter.wrap(cls, "_optimizer_step", "optimizer", within="update")
     with tempfile.TemporaryDirectory() as tmp:
-        history = run_step_recipe(recipe, steps, Path(tmp) / "run", overrides, step)
+        history = run_recipe(recipe, steps, Path(tmp) / "run", overrides, step)
     tokens = [h["response/length_mean"] * step.prompts * step.answers for h in history if "time/step_s" in h]
     return meter.report(tokens)
 
