@@ -20,6 +20,9 @@ per rollout, the Dr.GRPO loss — polopt `loss=dr_grpo` (A = r − r̂, token su
 their gradients agree) — and the same reward function, polopt's MathVerifier (one worker process).
 polopt runs with the dynamic-sampling filter off (`filter.enabled=false`), so both sides generate
 exactly prompts × answers answers a step (128 on the tiny model) and train on all of them.
+Each side keeps its own memory setting: TRL's GRPOConfig turns gradient checkpointing on by default
+(the forward is run again in the backward: on SmolLM2 about 1 of its update's 4.7 TFLOP), polopt's
+configs leave activation checkpointing off; `--no-trl-gradient-checkpointing` gives TRL polopt's.
 
 Three sides (`--sides` picks; TRL always runs): polopt's recipe as configured, the same with
 `pack_sequences=true` (the update on polopt/packing.py's layout), and TRL. Each runs in its own
@@ -74,10 +77,13 @@ class Step:
     top_p: float
     lr: float
     seed: int = SEED
+    # TRL's GRPOConfig default (True) recomputes the forward in the backward; polopt's configs do not
+    # (enable_activation_checkpointing: false): one more forward of the trunk per update on TRL's side.
+    trl_gradient_checkpointing: bool = True
 
     @classmethod
     def from_config(cls, config: str = DEFAULT_CONFIG, prompts: int | None = None, answers: int | None = None,
-                    new_tokens: int | None = None) -> "Step":
+                    new_tokens: int | None = None, trl_gradient_checkpointing: bool = True) -> "Step":
         """The config's step; `prompts`, `answers`, `new_tokens` shrink it (smoke runs, tests)."""
         from omegaconf import OmegaConf
 
@@ -87,13 +93,14 @@ class Step:
             template=cfg.dataset.get("template") or "{question}", prompts=prompts or int(cfg.rollout.num_prompts),
             answers=answers or int(cfg.rollout.num_samples), new_tokens=new_tokens or int(cfg.rollout.max_new_tokens),
             temperature=float(cfg.rollout.temperature), top_p=float(cfg.rollout.get("top_p", 1.0)),
-            lr=float(cfg.optimizer.lr),
+            lr=float(cfg.optimizer.lr), trl_gradient_checkpointing=trl_gradient_checkpointing,
         )
 
     def cli(self) -> list[str]:
         """The options that give this step to a child process."""
         return ["--config", self.config, "--prompts", str(self.prompts), "--answers", str(self.answers),
-                "--new-tokens", str(self.new_tokens)]
+                "--new-tokens", str(self.new_tokens),
+                "--trl-gradient-checkpointing" if self.trl_gradient_checkpointing else "--no-trl-gradient-checkpointing"]
 
     @property
     def name(self) -> str:
@@ -107,7 +114,8 @@ class Step:
     def describe(self) -> str:
         model = "Tiny model (assets/tiny_arith)" if self.config == DEFAULT_CONFIG else f"{self.model_dir.name} ({self.config})"
         return (f"{model}, {self.prompts} prompts × {self.answers} answers, ≤ {self.new_tokens} new tokens, "
-                f"temperature {self.temperature:g}, template `{self.template}`")
+                f"temperature {self.temperature:g}, template `{self.template}`; TRL gradient checkpointing "
+                + ("on (its default)" if self.trl_gradient_checkpointing else "off (as polopt)"))
 
 
 def polopt_arguments(steps: int, out: Path, step: Step | None = None) -> list[str]:
@@ -196,6 +204,7 @@ def trl_trainer(steps: int, threads: int, callbacks: list, output_dir: str, step
         loss_type="dr_grpo", scale_rewards="none", beta=0.0, num_iterations=1, gradient_accumulation_steps=1,
         max_steps=steps, seed=step.seed, use_cpu=True, bf16=False, report_to="none", save_strategy="no",
         logging_steps=1, disable_tqdm=True, dataloader_num_workers=0,
+        gradient_checkpointing=step.trl_gradient_checkpointing,
     )
     trainer = GRPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(step.model_dir, dtype=torch.float32),
@@ -243,10 +252,12 @@ def add_step_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", type=int, help="prompts per step (default: the config's rollout.num_prompts)")
     parser.add_argument("--answers", type=int, help="answers per prompt (default: the config's rollout.num_samples)")
     parser.add_argument("--new-tokens", type=int, help="at most this many new tokens (default: the config's rollout.max_new_tokens)")
+    parser.add_argument("--trl-gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                        help="TRL's gradient checkpointing (default on: GRPOConfig's default; polopt's configs have it off)")
 
 
 def step_from_arguments(args) -> Step:
-    return Step.from_config(args.config, args.prompts, args.answers, args.new_tokens)
+    return Step.from_config(args.config, args.prompts, args.answers, args.new_tokens, args.trl_gradient_checkpointing)
 
 
 def summarise(steps: list[dict]) -> dict:
