@@ -166,12 +166,10 @@ class Workload:
     def tune(self) -> torch.nn.Module:
         if self._tune is None:
             if self.args.model == "smollm2":
-                from polopt.models import hf_checkpointer, hf_model
+                from polopt.models import load_hf_folder
 
-                model = hf_model(str(SMOLLM2_DIR), max_seq_len=512)
-                with tempfile.TemporaryDirectory() as out:
-                    model.load_state_dict(hf_checkpointer(str(SMOLLM2_DIR), out).load_checkpoint()["model"])
-                self._tune = model.to(device=self.args.device, dtype=getattr(torch, self.args.dtype)).eval()
+                model = load_hf_folder(str(SMOLLM2_DIR), max_seq_len=512)
+                self._tune = model.to(device=self.args.device, dtype=getattr(torch, self.args.dtype))
             else:
                 self._build()
         return self._tune

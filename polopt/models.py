@@ -44,7 +44,7 @@ def read_hf_config(model_dir: Union[str, Path], key: str = "model_dir") -> dict[
     return config
 
 
-def _rope(config: dict[str, Any], path: Path) -> tuple[float, dict[str, Any]]:
+def _rope(config: dict[str, Any]) -> tuple[float, dict[str, Any]]:
     """(rope θ, scaling) from config.json, in transformers 4's (`rope_theta`, `rope_scaling`) or
     5's (`rope_parameters`) spelling; scaling is {} when there is none."""
     params = dict(config.get("rope_parameters") or {})
@@ -77,7 +77,7 @@ def hf_model(model_dir: str, max_seq_len: Optional[int] = None) -> TransformerDe
         raise _refuse(path, f"head_dim={config['head_dim']} differs from hidden_size/num_attention_heads={hidden // heads}")
     if config.get("hidden_act", "silu") != "silu":
         raise _refuse(path, f"hidden_act={config['hidden_act']!r} (not silu)")
-    rope_theta, scaling = _rope(config, path)
+    rope_theta, scaling = _rope(config)
     shape = dict(
         vocab_size=config["vocab_size"],
         num_layers=config["num_hidden_layers"],
@@ -141,6 +141,17 @@ def hf_checkpointer(
         output_dir=output_dir,
         **kwargs,
     )
+
+def load_hf_folder(model_dir: str, max_seq_len: Optional[int] = None) -> TransformerDecoder:
+    """`hf_model(model_dir)` with the folder's weights, in eval mode: the trainer's model outside the
+    recipe (tests, benchmarks). The checkpointer's output folder is a scratch one, never written."""
+    import tempfile
+
+    model = hf_model(model_dir, max_seq_len=max_seq_len)
+    with tempfile.TemporaryDirectory(prefix="polopt-checkpointer-") as scratch:
+        model.load_state_dict(hf_checkpointer(model_dir, scratch).load_checkpoint()["model"])
+    return model.eval()
+
 
 # The embedded tiny model (assets/tiny_arith/config.json is written from these by
 # scripts/make_tiny_arith.py, so the two cannot drift apart).

@@ -94,8 +94,8 @@ class HFTokenizer:
         if self.hf.chat_template is None:
             raise ConfigError(f"tokenizer.path={self.path}: the tokenizer has no chat template; use a plain prompt "
                               "template (dataset.template) or a folder with one", "dataset.template")
-        rendered = self.hf.apply_chat_template(turns, add_generation_prompt=open_turn, tokenize=False)
-        ids = list(self.hf.encode(rendered, add_special_tokens=False))
+        ids = list(self.hf.apply_chat_template(turns, add_generation_prompt=open_turn, tokenize=True,
+                                               return_dict=True)["input_ids"])
         return ids, [False] * len(ids)
 
     def __repr__(self) -> str:

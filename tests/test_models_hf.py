@@ -18,7 +18,7 @@ from torchtune.models.qwen2._positional_embeddings import Qwen2RotaryPositionalE
 from torchtune.modules import TiedLinear
 
 from polopt.errors import ConfigError
-from polopt.models import hf_checkpointer, hf_model
+from polopt.models import hf_checkpointer, hf_model, load_hf_folder
 from polopt.tokenizer import HFTokenizer, check_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -109,10 +109,8 @@ def test_tiny_model_through_hf_model_equals_its_named_builder():
     """The generic builder reproduces the named one on the embedded Qwen2 model, weights included."""
     from polopt.models import tiny_arith
 
-    state = hf_checkpointer(str(TINY), "/tmp/unused").load_checkpoint()["model"]
-    generic, named = hf_model(str(TINY)), tiny_arith()
-    generic.load_state_dict(state)
-    named.load_state_dict(state)
+    generic, named = load_hf_folder(str(TINY)), tiny_arith()
+    named.load_state_dict(generic.state_dict())
     tokens = torch.randint(0, 263, (2, 12))
     with torch.no_grad():
         assert torch.equal(generic(tokens), named(tokens))

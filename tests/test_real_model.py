@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from polopt.models import hf_checkpointer, hf_model
+from polopt.models import load_hf_folder
 from polopt.tokenizer import HFTokenizer, check_tokenizer
 from test_journey import VLLM_CHECK, polopt
 
@@ -42,12 +42,6 @@ def smollm2() -> Path:
     if not (SMOLLM2 / "PROVENANCE.md").is_file():
         pytest.fail(f"{SMOLLM2} is missing or incomplete: run `make smollm2` (make test does)")
     return SMOLLM2
-
-
-def trainer_model(model_dir: Path, tmp_path: Path) -> torch.nn.Module:
-    model = hf_model(str(model_dir))
-    model.load_state_dict(hf_checkpointer(str(model_dir), str(tmp_path)).load_checkpoint()["model"])
-    return model.eval()
 
 
 def token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -90,7 +84,7 @@ def test_hf_model_logprobs_equal_transformers(smollm2, tmp_path):
     prompt, _ = tokenizer.tokenize_messages([{"role": "user", "content": USER_TURN}, {"role": "assistant", "content": ""}],
                                             add_eos=False)
     ids = torch.tensor([prompt + tokenizer.encode("47 + 85 = 132", add_bos=False)])
-    ours = trainer_model(smollm2, tmp_path)
+    ours = load_hf_folder(str(smollm2))
     theirs = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
     with torch.no_grad():
         a, b = token_logprobs(ours(ids), ids), token_logprobs(theirs(ids).logits, ids)
@@ -137,8 +131,8 @@ def test_nft_trains_smollm2_and_final_keeps_tokenizer_and_chat_template(trained,
     ids = torch.tensor([HFTokenizer(str(final)).encode(USER_TURN)])
     with torch.no_grad():
         theirs = token_logprobs(AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()(ids).logits, ids)
-        ours = token_logprobs(trainer_model(final, tmp_path)(ids), ids)
-        base = token_logprobs(trainer_model(smollm2, tmp_path)(ids), ids)
+        ours = token_logprobs(load_hf_folder(str(final))(ids), ids)
+        base = token_logprobs(load_hf_folder(str(smollm2))(ids), ids)
     assert (theirs - ours).abs().max().item() <= LOGPROB_BOUND < (ours - base).abs().max().item()
 
 

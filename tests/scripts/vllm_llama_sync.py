@@ -6,12 +6,11 @@ largest |engine − trainer| gap before any sync, against the new and against th
 
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
-from polopt.models import hf_checkpointer, hf_model
+from polopt.models import load_hf_folder
 from polopt.prompts import PromptDataset, load_rows
 from polopt.rollout import VLLMRolloutEngine
 from polopt.tokenizer import HFTokenizer
@@ -20,19 +19,13 @@ from tests.test_vllm_engine import max_diff, params_for, sample_and_recompute, s
 REPO = Path(__file__).resolve().parents[2]
 
 
-def trainer_model(model_dir: Path) -> torch.nn.Module:
-    model = hf_model(str(model_dir), max_seq_len=256)
-    model.load_state_dict(hf_checkpointer(str(model_dir), tempfile.mkdtemp()).load_checkpoint()["model"])
-    return model.eval()
-
-
 def main(model_dir: Path) -> None:
     torch.manual_seed(0)
     tokenizer = HFTokenizer(str(model_dir))
     rows = load_rows(str(REPO / "assets" / "data" / "addition_chat_val.jsonl"))[:4]
     dataset = PromptDataset(rows, tokenizer, template="chat")
     prompts = [dataset[i].token_ids for i in range(len(dataset))]
-    trainer, old = trainer_model(model_dir), trainer_model(model_dir)
+    trainer, old = (load_hf_folder(str(model_dir), max_seq_len=256) for _ in range(2))
     engine = VLLMRolloutEngine(str(model_dir), seed=0, dtype="float32", enforce_eager=True, max_model_len=256,
                                kv_cache_memory_bytes=64 << 20)
     params = params_for(tokenizer, max_new_tokens=16)
