@@ -100,7 +100,8 @@ def test_checkpointer_derives_model_type_and_files(tmp_path):
     checkpointer = hf_checkpointer(str(TINY), str(tmp_path))
     assert checkpointer._model_type.name == "QWEN2"
     assert [p.name for p in checkpointer._checkpoint_paths] == ["model.safetensors"]
-    empty = folder(tmp_path / "empty", {**LLAMA}) if (tmp_path / "empty").mkdir() is None else None
+    (tmp_path / "empty").mkdir()
+    empty = folder(tmp_path / "empty", LLAMA)
     with pytest.raises(ConfigError, match="no model.safetensors or model.safetensors.index.json.*set checkpointer.checkpoint_files"):
         hf_checkpointer(str(empty), str(tmp_path))
 
