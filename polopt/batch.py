@@ -77,6 +77,28 @@ def scored_rewards(completions: Sequence[Completion], verifier_rewards: Sequence
     return [0.0 if c.truncated else float(r) for c, r in zip(completions, verifier_rewards, strict=True)]
 
 
+@dataclass(frozen=True)
+class Row:
+    """One answer on its way to a trainer rank: mini-batches over the global batch may put the
+    answers of one group on several ranks, so each carries its group's id and r̂ (over the whole group)."""
+
+    prompt_ids: list[int]
+    completion: Completion
+    reward: float
+    correct_rate: float
+    group_id: int
+
+
+def group_rows(groups: Sequence[PromptGroup], group_ids: Optional[Sequence[int]] = None) -> list[Row]:
+    """The rows of `groups`, group ids 0, 1, ... in order unless given."""
+    ids = range(len(groups)) if group_ids is None else group_ids
+    return [
+        Row(g.prompt_ids, c, r, g.correct_rate, gid)
+        for g, gid in zip(groups, ids, strict=True)
+        for c, r in zip(g.completions, g.rewards)
+    ]
+
+
 @dataclass
 class RolloutBatch:
     input_ids: torch.Tensor
@@ -107,37 +129,51 @@ class RolloutBatch:
         """Pad whole groups into one batch. Group ids are 0, 1, ... in the order of `groups`."""
         if not groups:
             raise ValueError("RolloutBatch.collate got no groups")
-        rows = [(g, c, gid) for gid, g in enumerate(groups) for c in g.completions]
-        prompt_len = max(len(g.prompt_ids) for g in groups)
-        response_len = max(1, max(len(c.token_ids) for _, c, _ in rows))
+        return cls.collate_rows(group_rows(groups), pad_id)
+
+    @classmethod
+    def collate_rows(cls, rows: Sequence["Row"], pad_id: int) -> "RolloutBatch":
+        """Pad rows (answers, possibly of partial groups: each carries its group's id and r̂) into one batch."""
+        if not rows:
+            raise ValueError("RolloutBatch.collate_rows got no rows")
+        prompt_len = max(len(row.prompt_ids) for row in rows)
+        response_len = max(1, max(len(row.completion.token_ids) for row in rows))
         B, S = len(rows), prompt_len + response_len
         input_ids = torch.full((B, S), pad_id, dtype=torch.long)
         attention_mask = torch.zeros((B, S), dtype=torch.bool)
         response_mask = torch.zeros((B, response_len), dtype=torch.bool)
         old_logprobs = torch.zeros((B, response_len), dtype=torch.float32)
-        for i, (g, c, _) in enumerate(rows):
-            p, n = len(g.prompt_ids), len(c.token_ids)
-            input_ids[i, prompt_len - p : prompt_len] = torch.tensor(g.prompt_ids, dtype=torch.long)
+        for i, row in enumerate(rows):
+            c = row.completion
+            p, n = len(row.prompt_ids), len(c.token_ids)
+            input_ids[i, prompt_len - p : prompt_len] = torch.tensor(row.prompt_ids, dtype=torch.long)
             attention_mask[i, prompt_len - p : prompt_len] = True
             if n:
                 input_ids[i, prompt_len : prompt_len + n] = torch.tensor(c.token_ids, dtype=torch.long)
                 old_logprobs[i, :n] = torch.tensor(c.logprobs, dtype=torch.float32)
             attention_mask[i, prompt_len : prompt_len + n] = True
             response_mask[i, :n] = True
-        rewards = torch.tensor([r for g in groups for r in g.rewards], dtype=torch.float32)
-        group_ids = torch.tensor([gid for _, _, gid in rows], dtype=torch.long)
-        correct_rate = torch.tensor([g.correct_rate for g, _, _ in rows], dtype=torch.float32)
         return cls(
             input_ids=input_ids,
             attention_mask=attention_mask,
             response_mask=response_mask,
             old_logprobs=old_logprobs,
             rollout_logprobs=old_logprobs.clone(),
-            rewards=rewards,
-            group_ids=group_ids,
-            correct_rate=correct_rate,
+            rewards=torch.tensor([row.reward for row in rows], dtype=torch.float32),
+            group_ids=torch.tensor([row.group_id for row in rows], dtype=torch.long),
+            correct_rate=torch.tensor([row.correct_rate for row in rows], dtype=torch.float32),
             prompt_len=prompt_len,
         )
+
+    @classmethod
+    def placeholder(cls, pad_id: int) -> "RolloutBatch":
+        """One row that the loss does not count (no response token): what a rank with no rows in a
+        mini-batch runs its forward and backward on, since FSDP's are collective. Its gradient is 0."""
+        rows = [Row(prompt_ids=[pad_id], completion=Completion([pad_id], [0.0], truncated=True), reward=0.0,
+                    correct_rate=0.0, group_id=-1)]
+        batch = cls.collate_rows(rows, pad_id)
+        batch.response_mask[:] = False
+        return batch
 
     def _tensor_fields(self):
         return [f.name for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)]
@@ -157,29 +193,36 @@ class RolloutBatch:
         (longest groups first), which evens out the work per optimiser step.
         """
         group_list = self.group_ids.unique(sorted=True).tolist()
-        if num_minibatches < 1:
-            raise ValueError(f"num_minibatches must be >= 1, got {num_minibatches}")
-        if num_minibatches > len(group_list):
-            raise ValueError(
-                f"cannot split {len(group_list)} groups into {num_minibatches} mini-batches of whole groups"
-            )
-        tokens_per_group = {g: int(self.response_mask[self.group_ids == g].sum()) for g in group_list}
-        buckets: list[list[int]] = [[] for _ in range(num_minibatches)]
-        if balance_tokens:
-            load = [0] * num_minibatches
-            for g in sorted(group_list, key=lambda g: -tokens_per_group[g]):
-                k = min(range(num_minibatches), key=lambda k: (load[k], len(buckets[k])))
-                buckets[k].append(g)
-                load[k] += tokens_per_group[g]
-        else:
-            per, extra = divmod(len(group_list), num_minibatches)
-            start = 0
-            for k in range(num_minibatches):
-                n = per + (1 if k < extra else 0)
-                buckets[k] = group_list[start : start + n]
-                start += n
+        tokens_per_group = [int(self.response_mask[self.group_ids == g].sum()) for g in group_list]
+        buckets = [[group_list[i] for i in bucket] for bucket in assign_groups(tokens_per_group, num_minibatches, balance_tokens)]
         out = []
         for bucket in buckets:
             rows = torch.cat([(self.group_ids == g).nonzero().flatten() for g in sorted(bucket)])
             out.append(self.select(rows))
         return out
+
+
+def assign_groups(tokens_per_group: Sequence[int], num_buckets: int, balance_tokens: bool = False) -> list[list[int]]:
+    """Indices of groups (in order) → `num_buckets` lists of whole groups: consecutive runs of equal
+    counts, or with `balance_tokens` greedily to the bucket with the fewest tokens so far (longest
+    groups first), which evens out the work per optimiser step. Each bucket's indices are sorted."""
+    num_groups = len(tokens_per_group)
+    if num_buckets < 1:
+        raise ValueError(f"num_minibatches must be >= 1, got {num_buckets}")
+    if num_buckets > num_groups:
+        raise ValueError(f"cannot split {num_groups} groups into {num_buckets} mini-batches of whole groups")
+    buckets: list[list[int]] = [[] for _ in range(num_buckets)]
+    if balance_tokens:
+        load = [0] * num_buckets
+        for g in sorted(range(num_groups), key=lambda g: -tokens_per_group[g]):
+            k = min(range(num_buckets), key=lambda k: (load[k], len(buckets[k])))
+            buckets[k].append(g)
+            load[k] += tokens_per_group[g]
+        return [sorted(b) for b in buckets]
+    per, extra = divmod(num_groups, num_buckets)
+    start = 0
+    for k in range(num_buckets):
+        n = per + (1 if k < extra else 0)
+        buckets[k] = list(range(start, start + n))
+        start += n
+    return buckets

@@ -15,11 +15,14 @@ One step of this recipe is one policy iteration:
         clip gradients; AdamW step; LR schedule step (skipped if the loss is not finite)
     push weights to the rollout engine; validate (avg@k); checkpoint
 
-Data parallel: each rank samples its own share of prompts (num_prompts / world_size), the model is
-sharded with FSDP2 (gloo on CPU, NCCL on GPU), and the loss of every micro-batch is divided by the
-normaliser of the *global* mini-batch (all-reduced), so that gradient accumulation and ranks add up
-to exactly the loss and gradient of the whole mini-batch. Under FSDP2 the native engine generates
-with an unsharded replica per rank, refreshed after every step (the same contract as vLLM).
+Many ranks (polopt/topology.py): the model is sharded over every rank with FSDP2 (gloo on CPU, NCCL
+on GPU); `rollout.engine.tensor_parallel_size` consecutive ranks share one vLLM engine and one data
+shard (num_prompts / data shards prompts each). Mini-batches are cut from the *global* batch
+(polopt/minibatches.py): `num_minibatches` optimiser steps per rollout on any number of ranks, the
+answers of a mini-batch dealt to the ranks, and the loss of every micro-batch divided by the
+normaliser of the whole mini-batch (all-reduced), so that gradient accumulation and ranks add up to
+exactly the loss and gradient of the whole mini-batch. Under FSDP2 the native engine generates with
+an unsharded replica per rank, refreshed after every step (the same contract as vLLM).
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from torchtune.config._utils import _get_component_from_path
 from torchtune.recipe_interfaces import FTRecipeInterface
 from tqdm import tqdm
 
-from polopt.batch import RolloutBatch
+from polopt.batch import PromptGroup, RolloutBatch, group_rows
 from polopt.checkpoint import (
     latest_checkpoint,
     load_hf_model,
@@ -57,21 +60,23 @@ from polopt.errors import UserError
 from polopt.evaluation import evaluate_prompts, merge_counts
 from polopt.losses import get_loss, global_normalizer, loss_hparams
 from polopt.metrics import MetricSums
+from polopt.minibatches import GroupShape, MinibatchShare, exchange_rows, micro_batches, plan_minibatches
 from polopt.policy import response_logprobs
 from polopt.prompts import DEFAULT_TEMPLATE, PromptStream, prompt_dataset
 from polopt.recipe_config import (
     ConfigError,
     describe_user_error,
     instantiate_component,
-    resume_config_changes,
     sampling_params,
     validate_config,
 )
 from polopt.rollout import SamplingParams
 from polopt.rollout.correction import RolloutCorrection
 from polopt.rollout.sampler import DynamicSampler
+from polopt.run_dir import claim_output_dir, write_results, write_run_config
 from polopt.runtime import set_cpu_threads
 from polopt.tokenizer import check_tokenizer
+from polopt.topology import Topology
 
 log = utils.get_logger("INFO")
 
@@ -89,10 +94,17 @@ class OnlineRLRecipe(FTRecipeInterface):
         self.world_size, self.rank = utils.get_world_size_and_rank()
         self._is_rank_zero = self.rank == 0
         self.num_threads = set_cpu_threads(cfg.num_threads, self._device)
-        if cfg.rollout.num_prompts % self.world_size:
+        self.topology = Topology.from_launch(
+            self.world_size, self.rank, cfg.rollout.engine.get("tensor_parallel_size", 1)
+        )
+        self.prompts_per_shard = self.topology.per_shard(cfg.rollout.num_prompts, "rollout.num_prompts")
+        if cfg.num_minibatches > cfg.rollout.num_prompts:
             raise ConfigError(
-                f"rollout.num_prompts={cfg.rollout.num_prompts} must be divisible by the number of ranks ({self.world_size})"
+                f"num_minibatches={cfg.num_minibatches} is more than rollout.num_prompts={cfg.rollout.num_prompts}: "
+                "a mini-batch holds at least one prompt's group; set num_minibatches <= rollout.num_prompts",
+                "num_minibatches",
             )
+        self._tp_group = self._new_tp_group()
         self.output_dir = Path(cfg.output_dir)
         self._output_dir_is_new = self._claim_output_dir(cfg)
         self.seed = training.set_seed(seed=cfg.seed)
@@ -100,57 +112,27 @@ class OnlineRLRecipe(FTRecipeInterface):
         self.nan_steps = 0
         self.history: list[dict[str, float]] = []
 
-    def _claim_output_dir(self, cfg: DictConfig) -> bool:
-        """Refuse to mix two runs in one output_dir. Returns whether this run starts it afresh.
+    def _new_tp_group(self):
+        """The process group of this rank's TP group (None at TP size 1): the ranks sharing an
+        engine agree through it on every generation call. `new_group` is collective: every rank
+        creates every group."""
+        tp = self.topology.tensor_parallel_size
+        if tp == 1 or not self._distributed:
+            return None
+        mine = None
+        for start in range(0, self.world_size, tp):
+            group = dist.new_group(list(range(start, start + tp)))
+            if self.rank in range(start, start + tp):
+                mine = group
+        return mine
 
-        A non-empty output_dir is continued with `resume=true` (after checking that the saved
-        `config.yaml` agrees on RESUME_FIXED_KEYS, unless `resume_allow_changes=true`) or replaced
-        with `overwrite=true` (only if it holds a polopt run); anything else is refused.
-        """
-        out = self.output_dir
-        if out.exists() and not out.is_dir():
-            raise ConfigError(f"output_dir={out} is a file, not a folder; set output_dir to a folder", "output_dir")
-        existing = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-        if self._distributed:
-            dist.barrier()  # every rank has looked before rank 0 may delete anything
-        if not existing:
-            return True
-        saved_config = out / "config.yaml"
-        if cfg.resume:
-            changes = resume_config_changes(saved_config, cfg) if saved_config.is_file() else []
-            if changes and not cfg.resume_allow_changes:
-                raise ConfigError(
-                    f"resume=true would change the run saved in {saved_config}: {'; '.join(changes)}; set these "
-                    "back, or resume_allow_changes=true to continue with the new values, or another output_dir"
-                )
-            if changes:
-                log.warning(f"resume_allow_changes=true: continuing {out} with {'; '.join(changes)}")
-            return False
-        shown = ", ".join(existing[:5]) + (", ..." if len(existing) > 5 else "")
-        if not cfg.overwrite:
-            raise ConfigError(
-                f"output_dir={out} already holds files ({shown}); set resume=true to continue that run, "
-                "overwrite=true to delete it and start again, or another output_dir", "output_dir"
-            )
-        if not (saved_config.is_file() or (out / "summary.json").is_file()):
-            raise ConfigError(f"output_dir={out} holds files ({shown}) but no polopt run (no config.yaml): "
-                              "overwrite=true deletes only a polopt run's folder; set another output_dir", "output_dir")
-        if self._is_rank_zero:
-            log.warning(f"overwrite=true: deleting the previous run in {out}")
-            shutil.rmtree(out)
-        if self._distributed:
-            dist.barrier()
-        return True
+    def _claim_output_dir(self, cfg: DictConfig) -> bool:
+        """Whether this run starts `output_dir` afresh; the folder policy is `polopt.run_dir`'s."""
+        return claim_output_dir(self.output_dir, cfg)
 
     def _write_run_config(self) -> None:
-        """`output_dir/config.yaml`: the resolved config, which `resume=true` compares against."""
-        if not self._is_rank_zero:
-            return
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        path = self.output_dir / "config.yaml"
-        tmp = path.with_name(".config.yaml.tmp")
-        tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(OmegaConf.to_container(self.cfg, resolve=True))))
-        os.replace(tmp, path)
+        if self._is_rank_zero:
+            write_run_config(self.output_dir, self.cfg)
 
     def abandon(self) -> None:
         """After an error: close what holds files open, and remove an output_dir this run created
@@ -183,11 +165,12 @@ class OnlineRLRecipe(FTRecipeInterface):
             self.prompt_stream,
             self.engine,
             self.verifier,
-            num_prompts=cfg.rollout.num_prompts // self.world_size,
+            num_prompts=self.prompts_per_shard,
             num_samples=cfg.rollout.num_samples,
             params=self._sampling_params(cfg.rollout, "rollout"),
             max_gen_batches=cfg.filter.max_gen_batches,
             filter_groups=cfg.filter.enabled,
+            agree=self._tp_agree,
         )
         self.val_prompts = self._setup_validation(cfg)
         self._write_run_config()
@@ -270,11 +253,11 @@ class OnlineRLRecipe(FTRecipeInterface):
         dataset.check_fits(cfg.rollout.max_new_tokens, self.model.max_seq_len, max_new_tokens_key="rollout.max_new_tokens")
         return PromptStream(
             dataset,
-            batch_size=_per_rank(cfg.filter.gen_batch_size or cfg.rollout.num_prompts, self.world_size),
+            batch_size=max(1, (cfg.filter.gen_batch_size or cfg.rollout.num_prompts) // self.topology.dp_size),
             seed=cfg.seed,
             shuffle=cfg.shuffle,
-            num_replicas=self.world_size,
-            rank=self.rank,
+            num_replicas=self.topology.dp_size,
+            rank=self.topology.dp_rank,
         )
 
     def _setup_validation(self, cfg: DictConfig) -> list[dict]:
@@ -292,7 +275,7 @@ class OnlineRLRecipe(FTRecipeInterface):
         dataset.check_fits(v.max_new_tokens or cfg.rollout.max_new_tokens, self.model.max_seq_len,
                            max_new_tokens_key=max_new_tokens_key)
         questions = [dataset[i] for i in range(len(dataset))][: v.max_questions]
-        return questions[self.rank :: self.world_size]
+        return self.topology.data_shard(questions)
 
     def _sampling_params(self, section: DictConfig, key: str, seed: Optional[int] = None) -> SamplingParams:
         return sampling_params(
@@ -306,35 +289,77 @@ class OnlineRLRecipe(FTRecipeInterface):
         )
 
     # ------------------------------------------------------------------ one policy iteration
-    def rollout(self) -> tuple[RolloutBatch | None, dict[str, float]]:
-        """Sample, verify and filter; collate the kept groups into one batch (None if none kept)."""
+    def rollout(self) -> tuple[list[MinibatchShare], dict[str, float]]:
+        """Sample, verify and filter; cut the kept groups of all ranks into this rank's shares of
+        the global mini-batches (empty if no rank kept a group)."""
         self.model.eval()
-        # Seeded per (run seed, step, rank): a resumed run samples exactly what the original did.
-        groups, metrics = self.sampler.sample(seed=_mix_seed(self.seed, self.global_step, self.rank))
-        if not groups:
-            return None, metrics
-        batch = RolloutBatch.collate(groups, pad_id=self.tokenizer.pad_id)
+        # Seeded per (run seed, step, data shard): a resumed run samples exactly what the original did.
+        groups, metrics = self.sampler.sample(seed=self.topology.mix_seed(self.seed, self.global_step))
+        minibatches = self.minibatches(self.topology.tp_slice(groups))
+        metrics["optimizer_steps"] = float(len(minibatches))
         if self.cfg.recompute_old_logprobs:
-            batch.old_logprobs = self._old_logprobs(batch)
-            batch.rollout_weights, mismatch = self.rollout_correction.weights(
-                batch.old_logprobs, batch.rollout_logprobs, batch.response_mask
-            )
-            metrics.update(mismatch)
-        return batch, metrics
+            micros = [micro for minibatch in minibatches for micro in minibatch.micro_batches]
+            with torch.no_grad():  # in the training micro-batches: R_t = 1 exactly at the first update
+                for micro in micros:
+                    micro.old_logprobs = self._logprobs(micro.to(self._device), entropy=False)[0].cpu() * micro.response_mask
+            metrics.update(self._rollout_correction([m for m in micros if m.num_tokens]))
+        return minibatches, metrics
 
-    def update_policy(self, batch: RolloutBatch) -> MetricSums:
-        """Algorithm 1, lines 9-12: one optimiser step per mini-batch of whole groups.
+    def _rollout_correction(self, micros: list[RolloutBatch]) -> dict[str, float]:
+        """Set each micro-batch's `rollout_weights` from π_old and the engine's log-probs; the
+        mismatch metrics are over all this rank's answers at once (they hold minima and maxima)."""
+        if not micros:
+            return {}
+        width = max(m.response_len for m in micros)
+        pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
+        weights, metrics = self.rollout_correction.weights(
+            torch.cat([pad(m.old_logprobs) for m in micros]),
+            torch.cat([pad(m.rollout_logprobs) for m in micros]),
+            torch.cat([pad(m.response_mask) for m in micros]),
+        )
+        if weights is not None:
+            for micro, rows in zip(micros, weights.split([len(m) for m in micros])):
+                micro.rollout_weights = rows[:, : micro.response_len].contiguous()
+        return metrics
 
-        Every rank calls this with its own share of the batch; mini-batch and micro-batch counts
-        are agreed across ranks (`_split_agreed`), since FSDP's forward and backward are collective.
+    def minibatches(self, groups: list[PromptGroup]) -> list[MinibatchShare]:
+        """This rank's shares of the global batch's `num_minibatches` mini-batches, each cut into
+        `gradient_accumulation_steps` micro-batches (polopt/minibatches.py): every rank gets the same
+        number of both, whatever it kept, so FSDP's collective forwards and backwards line up."""
+        shapes = [GroupShape(len(g.completions), sum(len(c.token_ids) for c in g.completions)) for g in groups]
+        every_rank = self._all_gather(shapes)
+        whole_groups = self.loss_fn.needs_whole_groups
+        plan = plan_minibatches(
+            every_rank, self.cfg.num_minibatches, whole_groups=whole_groups,
+            balance_tokens=self.cfg.balance_minibatch_tokens,
+        )
+        if 0 < plan.num_minibatches < self.cfg.num_minibatches and self._is_rank_zero:
+            log.warning(f"step {self.global_step}: {plan.num_groups} group(s) kept over all ranks, fewer than "
+                        f"num_minibatches={self.cfg.num_minibatches}: {plan.num_minibatches} optimiser step(s)")
+        local_rows = [group_rows([g]) for g in groups]
+        shares = exchange_rows(plan, self.rank, local_rows, self._scatter if self._distributed else None)
+        pad_id = self.tokenizer.pad_id
+        out = []
+        for rows in shares:
+            share = RolloutBatch.collate_rows(rows, pad_id) if rows else None
+            out.append(MinibatchShare(
+                share, micro_batches(share, self.cfg.gradient_accumulation_steps, whole_groups, pad_id), plan.num_tokens
+            ))
+        return out
+
+    def update_policy(self, minibatches: list[MinibatchShare]) -> MetricSums:
+        """Algorithm 1, lines 9-12: one optimiser step per mini-batch of the global batch.
+
+        Every rank calls this with its own share of each mini-batch, cut into the same number of
+        micro-batches on every rank (`minibatches`), since FSDP's forward and backward are collective.
         """
         self.model.train()
         metrics = MetricSums()
-        for minibatch in self._split_agreed(batch, self.cfg.num_minibatches, self.cfg.balance_minibatch_tokens):
-            minibatch = minibatch.to(self._device)
-            normalizer = self._global_normalizer(minibatch)
+        for minibatch in minibatches:
+            normalizer = self._global_normalizer(minibatch.share)
             step_metrics, local_loss = MetricSums(), 0.0
-            for micro in self._split_agreed(minibatch, self.cfg.gradient_accumulation_steps):
+            for micro in minibatch.micro_batches:
+                micro = micro.to(self._device)
                 logprobs, entropy = self._logprobs(micro)
                 out = self.loss_fn(
                     logprobs, micro.old_logprobs, micro.response_mask, micro.rewards, micro.group_ids,
@@ -343,8 +368,9 @@ class OnlineRLRecipe(FTRecipeInterface):
                 # FSDP2 averages gradients over ranks; the normaliser is global, so scale back to a sum.
                 (out.loss * self.world_size).backward()
                 local_loss += out.loss.item()
-                step_metrics.add("entropy", (entropy * micro.response_mask).sum().item(), weight=micro.num_tokens)
-                step_metrics.add_means(out.metrics)
+                if micro.num_tokens:  # a placeholder's metrics describe nothing
+                    step_metrics.add("entropy", (entropy * micro.response_mask).sum().item(), weight=micro.num_tokens)
+                    step_metrics.add_means(out.metrics)
             optimizer_metrics = self._optimizer_step(local_loss)
             if optimizer_metrics is not None:  # a skipped step's metrics are not logged
                 step_metrics.add_means(optimizer_metrics)
@@ -374,15 +400,6 @@ class OnlineRLRecipe(FTRecipeInterface):
         self.lr_scheduler.step()
         return stats
 
-    def _old_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
-        """log π_old of `batch` by the trainer's own forward, in the training micro-batches' size."""
-        chunks = self._split_agreed(batch, self.cfg.num_minibatches * self.cfg.gradient_accumulation_steps)
-        if not torch.equal(torch.cat([c.group_ids for c in chunks]), batch.group_ids):
-            raise RuntimeError("RolloutBatch.split reordered rows; π_old would be misaligned")
-        with torch.no_grad():
-            parts = [self._logprobs(c.to(self._device), entropy=False)[0].cpu() for c in chunks]
-        return torch.cat(parts) * batch.response_mask
-
     def _logprobs(self, batch: RolloutBatch, entropy: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         return response_logprobs(
             self.model,
@@ -395,22 +412,37 @@ class OnlineRLRecipe(FTRecipeInterface):
         )
 
     # ------------------------------------------------------------------ cross-rank agreement
-    def _split_agreed(self, batch: RolloutBatch, n: int, balance_tokens: bool = False) -> list[RolloutBatch]:
-        """`batch.split` into min(n, fewest groups any rank holds) parts: the same count on every rank."""
-        fewest_groups = self._all_reduce(torch.tensor(float(batch.group_ids.unique().numel())), op=dist.ReduceOp.MIN)
-        return batch.split(int(min(n, fewest_groups.item())), balance_tokens=balance_tokens)
-
-    def _global_normalizer(self, minibatch: RolloutBatch) -> float:
+    def _global_normalizer(self, share: Optional[RolloutBatch]) -> float:
         """The loss's denominator for the whole mini-batch over all ranks (token count, sequence
         count, ...), so that micro-batches and ranks add up to the mini-batch's loss."""
-        local = torch.as_tensor(
-            global_normalizer(self.loss_fn, minibatch.response_mask, group_ids=minibatch.group_ids), dtype=torch.float64
-        )
+        if share is None:  # this rank holds none of the mini-batch: it adds nothing to the count
+            mask, group_ids = torch.zeros((0, 1), dtype=torch.bool), torch.zeros(0, dtype=torch.long)
+        else:
+            mask, group_ids = share.response_mask, share.group_ids
+        local = torch.as_tensor(global_normalizer(self.loss_fn, mask, group_ids=group_ids), dtype=torch.float64)
         # token-sum has no denominator (1 on every rank): summing it would scale the loss.
         return (local if self.loss_fn.normalizer_kind == "none" else self._all_reduce(local)).item()
 
-    def _all_ranks(self, condition: bool) -> bool:
-        return self._all_reduce(torch.tensor(float(condition)), op=dist.ReduceOp.MIN).item() > 0
+    def _all_gather(self, obj: Any) -> list[Any]:
+        if not self._distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def _scatter(self, src: int, objects: Optional[list]) -> Any:
+        out: list[Any] = [None]
+        dist.scatter_object_list(out, objects, src=src)
+        return out[0]
+
+    def _tp_agree(self, condition: bool) -> bool:
+        """True on every rank of this TP group iff true on all of them: the ranks sharing an engine
+        must make the same generation calls, or the engine's collectives hang."""
+        if self._tp_group is None:
+            return condition
+        flag = torch.tensor(float(condition))
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self._tp_group)
+        return flag.item() > 0
 
     def _reduce_metrics(self, metrics: MetricSums) -> dict[str, float]:
         """`MetricSums.reduce` over ranks, on the union of every rank's metric names."""
@@ -430,14 +462,14 @@ class OnlineRLRecipe(FTRecipeInterface):
             self.verifier,
             self.val_prompts,
             k=v.k,
-            params=self._sampling_params(v, "validation", seed=_mix_seed(self.seed + 1, 0, self.rank)),
+            params=self._sampling_params(v, "validation", seed=self.topology.mix_seed(self.seed + 1, 0)),
             batch_size=v.batch_size,
             progress=self._is_rank_zero,
             desc="validation",
         )
         if self._distributed:
             counts = torch.tensor([part["correct"], part["solved"], part["n_questions"]], dtype=torch.float64)
-            self._all_reduce(counts)
+            counts = self._all_reduce(counts * float(self.topology.counts_results))  # each TP group's questions once
             part.update(correct=counts[0].item(), solved=counts[1].item(), n_questions=counts[2].item())
             part = merge_counts([part])
         return {"val/accuracy": part["avg_at_k"], "val/pass_at_k": part["pass_at_k"]}
@@ -451,19 +483,17 @@ class OnlineRLRecipe(FTRecipeInterface):
         bar = tqdm(total=cfg.max_steps, initial=self.global_step, desc=f"{cfg.loss}", disable=not self._is_rank_zero)
         while self.global_step < cfg.max_steps:
             t0, t0_cpu = time.perf_counter(), time.process_time()
-            batch, rollout_metrics = self.rollout()
+            minibatches, rollout_metrics = self.rollout()
             t_rollout = time.perf_counter() - t0
             step_metrics = MetricSums()
             step_metrics.add_means(rollout_metrics)
-            # Ranks update together or not at all (FSDP collectives): skip if any rank kept no group.
-            all_have_batch = self._all_ranks(batch is not None)
-            if batch is not None and not all_have_batch:
-                log.warning(f"step {self.global_step}: another rank kept no group after filtering; update skipped")
-            if all_have_batch:
-                step_metrics.merge(self.update_policy(batch))
+            if minibatches:
+                step_metrics.merge(self.update_policy(minibatches))
+            elif self._is_rank_zero:
+                log.warning(f"step {self.global_step}: no rank kept a group after filtering; update skipped")
             metrics = self._reduce_metrics(step_metrics)
-            if all_have_batch:
-                metrics["tokens_per_second"] = batch.num_tokens * self.world_size / max(1e-9, time.perf_counter() - t0)
+            if minibatches:
+                metrics["tokens_per_second"] = minibatches[0].global_tokens / max(1e-9, time.perf_counter() - t0)
             self.global_step += 1
             self._sync_rollout_weights()
             metrics["time/rollout_s"] = t_rollout
@@ -580,9 +610,7 @@ class OnlineRLRecipe(FTRecipeInterface):
             summary["final_model"] = str(final)
             log.info(f"final model (HF format): {final}; evaluate it with "
                      f"`polopt evaluate --config evaluate model_dir={final}`")
-        (self.output_dir / "history.json").write_text(json.dumps(self.history, indent=1))
-        (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        _plot_history(self.history, self.output_dir / "training_curves.png", title=f"loss={self.cfg.loss}")
+        write_results(self.output_dir, self.history, summary, title=f"loss={self.cfg.loss}")
         log.info("summary: " + json.dumps(summary))
 
     def _training_info(self, summary: dict[str, Any]) -> dict[str, Any]:
@@ -621,38 +649,6 @@ def _setup_rollout_correction(cfg: DictConfig) -> RolloutCorrection:
             "log-probs there is no mismatch to correct)"
         )
     return correction
-
-
-def _per_rank(n: Optional[int], world_size: int) -> Optional[int]:
-    return None if n is None else max(1, n // world_size)
-
-
-def _mix_seed(seed: int, step: int, rank: int) -> int:
-    return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**31 - 1)
-
-
-def _plot_history(history: list[dict[str, float]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    steps = [h["step"] for h in history if "reward/mean" in h]
-    axes[0].plot(steps, [h["reward/mean"] for h in history if "reward/mean" in h], label="mean reward (rollout)")
-    axes[0].set_xlabel("step")
-    axes[0].set_ylabel("reward")
-    axes[0].legend()
-    val = [h for h in history if "val/accuracy" in h]
-    axes[1].plot([h["step"] for h in val], [h["val/accuracy"] for h in val], marker="o", label="held-out avg@k")
-    axes[1].set_xlabel("step")
-    axes[1].set_ylabel("accuracy")
-    axes[1].set_ylim(0, 1)
-    axes[1].legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 @config.parse

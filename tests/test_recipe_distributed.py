@@ -1,4 +1,4 @@
-"""2 ranks (FSDP2 on gloo) give the loss and gradient norm of 1 rank on the same batch; a killed
+"""2 ranks (FSDP2 on gloo) take the optimiser steps of 1 rank on the same batch; a killed
 2-rank run resumes from its sharded checkpoint to the same metrics; unusable checkpoints are refused."""
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def fixed_batch(num_groups: int = 8, group_size: int = 4, prompt_len: int = 12, 
 def run_update(nproc: int, batch_path: Path, out: Path, loss: str) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(SCRIPT), str(batch_path), str(out), f"loss={loss}", f"output_dir={out.parent / 'run'}",
-           "num_minibatches=2", "gradient_accumulation_steps=2", "validation.source=null"]
+           "num_minibatches=4", "gradient_accumulation_steps=2", "validation.source=null"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-5000:]
@@ -52,14 +52,19 @@ def run_update(nproc: int, batch_path: Path, out: Path, loss: str) -> dict:
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("loss", ["nft", "grpo"])
-def test_two_ranks_match_one_rank(tmp_path, loss):
+def test_two_ranks_take_the_optimiser_steps_of_one_rank(tmp_path, loss):
+    """6 groups, num_minibatches=4: each rank holds 3 groups, yet both runs take 4 optimiser steps
+    over the same mini-batches (partial groups and placeholder micro-batches on 2 ranks)."""
     batch_path = tmp_path / "batch.pt"
-    torch.save(fixed_batch(), batch_path)
+    torch.save(fixed_batch(num_groups=6), batch_path)
     one = run_update(1, batch_path, tmp_path / "one" / "m.json", loss)
     two = run_update(2, batch_path, tmp_path / "two" / "m.json", loss)
+    assert one["optimizer_steps"] == two["optimizer_steps"] == 4
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-5, abs=1e-7)
     assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-5)
     assert one["grad_norm"] > 0
+    assert min(one["update_norms"].values()) > 0
+    assert two["update_norms"] == pytest.approx(one["update_norms"], rel=1e-4, abs=1e-9)
 
 
 # ---------------------------------------------------------------------------------- resume

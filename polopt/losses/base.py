@@ -78,6 +78,12 @@ class PolicyLoss(nn.Module):
     constant_normalizer: Optional[float] = None
     kl_coef: float = 0.0
 
+    @property
+    def needs_whole_groups(self) -> bool:
+        """Whether one call must see all answers of each group it gets (a per-group normaliser, as
+        InfoNCA's softmax over the group); other losses take partial groups with `correct_rate=`."""
+        return self.normalizer_kind == "groups"
+
     def forward(
         self,
         logprobs: torch.Tensor,

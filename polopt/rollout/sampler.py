@@ -92,6 +92,7 @@ class DynamicSampler:
         params: SamplingParams,
         max_gen_batches: int = 3,
         filter_groups: bool = True,
+        agree: Optional[Callable[[bool], bool]] = None,
     ) -> None:
         for name, value in (("num_prompts", num_prompts), ("num_samples", num_samples), ("max_gen_batches", max_gen_batches)):
             if isinstance(value, bool) or int(value) != value or value < 1:
@@ -106,15 +107,18 @@ class DynamicSampler:
         self.params = params
         self.max_gen_batches = int(max_gen_batches)
         self.filter_groups = filter_groups
+        # Ranks sharing one engine (tensor parallelism) must make the same generation calls: `agree`
+        # makes "draw another batch" true for all of them or for none (all-reduce MIN in the group).
+        self.agree = agree or (lambda condition: condition)
 
     def sample(self, seed: Optional[int] = None) -> tuple[list[PromptGroup], dict[str, float]]:
         kept: list[PromptGroup] = []
         generated: list[PromptGroup] = []
         gen_batches = 0
         counts_before = verification_counts(self.verifier)
-        while len(kept) < self.num_prompts and gen_batches < self.max_gen_batches:
+        while self.agree(len(kept) < self.num_prompts and gen_batches < self.max_gen_batches):
             prompts = self.prompt_stream.next_batch()
-            if not prompts:
+            if not self.agree(bool(prompts)):
                 log.warning("DynamicSampler: the prompt stream returned an empty batch; stopping early")
                 break
             params = replace(self.params, seed=None if seed is None else seed + gen_batches)
