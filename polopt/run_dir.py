@@ -86,7 +86,7 @@ def check_output_dir_is_shared(output_dir: str | Path) -> None:
         try:
             created = not out.exists()
             out.mkdir(parents=True, exist_ok=True)
-            _write_text_atomic(out / f"{SHARED_CHECK_PREFIX}{token}", token)
+            (out / f"{SHARED_CHECK_PREFIX}{token}").write_text(token)  # readers wait for the whole token
         except OSError as e:
             problem = f"output_dir={out} cannot be written ({e.strerror or e}); set output_dir to a folder this run may write"
     shared = [token, problem]
@@ -94,8 +94,9 @@ def check_output_dir_is_shared(output_dir: str | Path) -> None:
     token, problem = shared
     seen = problem is None and _sees_token(out / f"{SHARED_CHECK_PREFIX}{token}", token)
     views = _gather({"rank": rank, "host": socket.gethostname(), "output_dir": str(out), "seen": seen})
-    if rank == 0:  # every rank has looked (the gather above waited for all of them)
-        (out / f"{SHARED_CHECK_PREFIX}{token}").unlink(missing_ok=True)
+    if rank == 0 and problem is None:  # every rank has looked (the gather above waited for all of them)
+        for leftover in out.glob(f"{SHARED_CHECK_PREFIX}*"):  # this run's, and any of a run killed here
+            leftover.unlink(missing_ok=True)
     blind = [v for v in views if not v["seen"]]
     if problem is None and not blind:
         return

@@ -31,7 +31,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from functools import partial
@@ -73,7 +72,7 @@ from polopt.recipe_config import (
 from polopt.rollout import SamplingParams
 from polopt.rollout.correction import RolloutCorrection
 from polopt.rollout.sampler import DynamicSampler
-from polopt.run_dir import claim_output_dir, write_results, write_run_config
+from polopt.run_dir import claim_output_dir, remove_unstarted_run, write_results, write_run_config
 from polopt.runtime import set_cpu_threads
 from polopt.tokenizer import check_tokenizer
 from polopt.topology import Topology
@@ -98,6 +97,10 @@ class OnlineRLRecipe(FTRecipeInterface):
             self.world_size, self.rank, cfg.rollout.engine.get("tensor_parallel_size", 1)
         )
         self.prompts_per_shard = self.topology.per_shard(cfg.rollout.num_prompts, "rollout.num_prompts")
+        self.gen_batch_per_shard = (
+            self.topology.per_shard(cfg.filter.gen_batch_size, "filter.gen_batch_size")
+            if cfg.filter.gen_batch_size else self.prompts_per_shard
+        )
         if cfg.num_minibatches > cfg.rollout.num_prompts:
             raise ConfigError(
                 f"num_minibatches={cfg.num_minibatches} is more than rollout.num_prompts={cfg.rollout.num_prompts}: "
@@ -143,8 +146,8 @@ class OnlineRLRecipe(FTRecipeInterface):
                     closeable.close()
             except Exception:  # noqa: BLE001 - the original error is the one to report
                 pass
-        if self._is_rank_zero and self._output_dir_is_new and self.global_step == 0 and self.output_dir.is_dir():
-            shutil.rmtree(self.output_dir, ignore_errors=True)
+        if self._is_rank_zero and self._output_dir_is_new and self.global_step == 0:
+            remove_unstarted_run(self.output_dir)
 
     # ------------------------------------------------------------------ setup
     def setup(self, cfg: Optional[DictConfig] = None) -> None:
@@ -253,7 +256,7 @@ class OnlineRLRecipe(FTRecipeInterface):
         dataset.check_fits(cfg.rollout.max_new_tokens, self.model.max_seq_len, max_new_tokens_key="rollout.max_new_tokens")
         return PromptStream(
             dataset,
-            batch_size=max(1, (cfg.filter.gen_batch_size or cfg.rollout.num_prompts) // self.topology.dp_size),
+            batch_size=self.gen_batch_per_shard,
             seed=cfg.seed,
             shuffle=cfg.shuffle,
             num_replicas=self.topology.dp_size,
@@ -564,11 +567,15 @@ class OnlineRLRecipe(FTRecipeInterface):
                 "nan_steps": self.nan_steps,
                 "config": OmegaConf.to_container(self.cfg, resolve=True),
             },
-            rank_state={"prompt_stream": self.prompt_stream.state_dict(), "rng": rng_state()},
+            # The stream position belongs to this rank's data shard (its TP group's, polopt/topology.py).
+            rank_state={"data_shard": self._data_shard(), "prompt_stream": self.prompt_stream.state_dict(), "rng": rng_state()},
             keep_last=self.cfg.keep_last_checkpoints,
         )
         if self._is_rank_zero:
             log.info(f"checkpoint written: {path}")
+
+    def _data_shard(self) -> dict[str, int]:
+        return {"dp_rank": self.topology.dp_rank, "dp_size": self.topology.dp_size}
 
     def load_checkpoint(self) -> None:
         path = latest_checkpoint(self.output_dir)
@@ -577,6 +584,13 @@ class OnlineRLRecipe(FTRecipeInterface):
             return
         trainer_state, rank_state = load_training_state(path, self.model, self.optimizer)
         self.lr_scheduler.load_state_dict(trainer_state["lr_scheduler"])
+        saved_shard = rank_state.get("data_shard", self._data_shard())
+        if saved_shard != self._data_shard():
+            raise ConfigError(
+                f"{path} was written with data shards {saved_shard} on this rank and this run has {self._data_shard()}: "
+                f"its prompt position belongs to another shard; resume with the saved rollout.engine.tensor_parallel_size",
+                "rollout.engine.tensor_parallel_size",
+            )
         self.prompt_stream.load_state_dict(rank_state["prompt_stream"])
         set_rng_state(rank_state["rng"])
         self.history = trainer_state["history"]

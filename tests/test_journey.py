@@ -283,6 +283,7 @@ TRAIN_ERRORS = {
     "tokenizer file missing": (["tokenizer.path=/no/such/vocab.json"], ["tokenizer (", "/no/such/vocab.json"]),
     "rollout temperature 0": (["rollout.temperature=0"], ["rollout.temperature must be > 0, got 0"]),
     "validation top_p above 1": (["validation.top_p=2"], ["validation.top_p must be in (0, 1], got 2"]),
+    "output_dir is a file": (["output_dir={bad_jsonl}"], ["bad.jsonl is a file, not a folder", "set output_dir to a folder"]),
 }
 
 

@@ -48,7 +48,7 @@ def tune_run(output_dir: Path, *overrides: str, nproc: int = 1, check: bool = Tr
 
 
 def tune_run_killed_after_checkpoint(step: int, output_dir: Path, *overrides: str, nproc: int = 1) -> None:
-    """Start `tune run` and SIGKILL its whole process group once the step-`step` checkpoint exists."""
+    """Start `tune run` and SIGKILL it and its workers once the step-`step` checkpoint exists."""
     cmd, env = tune_command(output_dir, *overrides, nproc=nproc)
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True, env=env)
@@ -56,9 +56,39 @@ def tune_run_killed_after_checkpoint(step: int, output_dir: Path, *overrides: st
     deadline = time.time() + 300
     while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_process_tree(proc)
     assert checkpoint.exists(), f"no step-{step} checkpoint was written"
+    assert not (output_dir / "history.json").exists(), "the run finished before it was killed"
+
+
+def kill_process_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a launch started with start_new_session: its workers first (torchrun starts every
+    worker in a session of its own, so killing the launcher's process group leaves them running),
+    then the launcher's group."""
+    if proc.poll() is None:
+        for worker in _children(proc.pid):
+            _killpg(worker)
+        _killpg(proc.pid)
+    proc.wait()
+
+
+def _children(pid: int) -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # after "(comm)": state, ppid, ...
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def _killpg(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def history(output_dir: Path) -> list[dict]:
