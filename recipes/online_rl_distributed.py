@@ -532,9 +532,17 @@ class OnlineRLRecipe(FTRecipeInterface):
             self.metric_logger.log_dict({k: v for k, v in entry.items() if k != "step"}, step=step)
 
     def _sync_rollout_weights(self) -> None:
+        """Stream the weights into the engine one full tensor at a time: a rank holds one gathered
+        parameter (plus the engine's bucket), never the whole model at once."""
         if self.engine_uses_trainer_model:
             return
-        self.engine.sync_weights(self._full_state_dict())
+        self.engine.sync_weights(self._full_tensors())
+
+    def _full_tensors(self):
+        """(name, full tensor) per weight, gathered on demand: under FSDP2 `full_tensor` is a
+        collective, and every rank walks the same state dict in the same order."""
+        for name, value in self.model.state_dict().items():
+            yield name, (value.full_tensor() if hasattr(value, "full_tensor") else value).detach()
 
     @property
     def engine_uses_trainer_model(self) -> bool:

@@ -2,9 +2,11 @@
 
 One `vllm.LLM` serves the whole session (`engine`); tests that change weights give them back
 (`trainer`). What is pinned: the engine's sampled-token log-probs equal the trainer's recomputed
-ones on the same tokens; after `sync_weights` of changed weights (the tied embedding included)
-they equal the trainer's new ones and differ from the old; bad weights are refused before
-anything is loaded; `tune run` trains and `recipes/evaluate.py` evaluates through vLLM.
+ones on the same tokens; after `sync_weights` of changed weights (the tied embedding included),
+whole state dicts or streams of (name, tensor) pairs loaded in several buckets, they equal the
+trainer's new ones and differ from the old; bad weights are refused (a state dict before anything
+is loaded); tensor parallelism under torchrun (2 and 4 ranks, child processes); `tune run` trains
+and `recipes/evaluate.py` evaluates through vLLM.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -26,6 +29,7 @@ from polopt.models import tiny_arith
 from polopt.policy import response_logprobs
 from polopt.prompts import PromptDataset, load_rows
 from polopt.rollout import SamplingParams, VLLMRolloutEngine
+from polopt.rollout.vllm import SYNC_BUCKET_BYTES
 
 REPO = Path(__file__).resolve().parent.parent
 ASSET = REPO / "assets" / "tiny_arith"
@@ -132,17 +136,31 @@ def perturbed(state: dict, names, seed: int, scale: float = 0.05) -> dict:
     return {k: v + scale * torch.randn(v.shape, generator=g) if k in names else v.clone() for k, v in state.items()}
 
 
-def sync_gaps(engine, trainer, old, tokenizer, prompts, params, changes, *, scale=0.05, num_samples=4) -> dict:
+def streamed(state: dict):
+    """The recipe's lazy form of a sync: one (name, tensor) pair at a time, as a generator."""
+    return ((name, tensor) for name, tensor in state.items())
+
+
+def count_buckets(engine) -> list:
+    """Wrap the engine's per-bucket load; the returned list gets each bucket's HF names."""
+    buckets, load = [], engine._load_bucket
+    engine._load_bucket = lambda bucket: (buckets.append([name for name, _ in bucket]), load(bucket))
+    return buckets
+
+
+def sync_gaps(engine, trainer, old, tokenizer, prompts, params, changes, *, scale=0.05, num_samples=4,
+              stream=False) -> dict:
     """Change the weights named in each of `changes` in turn (seeded), load them into `trainer`, sync
-    the engine, sample; the largest |engine − trainer| log-prob gap against the new weights and the
-    smallest against the weights before the change (`old` holds those). Child-process scripts use it."""
+    the engine (the state dict, or `streamed` pairs), sample; the largest |engine − trainer| log-prob
+    gap against the new weights and the smallest against the weights before the change (`old` holds
+    those). Child-process scripts use it."""
     gaps = {"max_diff_new": 0.0, "max_diff_old": float("inf")}
     state = {k: v.clone() for k, v in trainer.state_dict().items()}
     for seed, names in enumerate(changes):
         old.load_state_dict(state)
         state = perturbed(state, names, seed, scale)
         trainer.load_state_dict(state)
-        engine.sync_weights(trainer.state_dict())
+        engine.sync_weights(streamed(trainer.state_dict()) if stream else trainer.state_dict())
         batch, new_logprobs = sample_and_recompute(engine, trainer, tokenizer, prompts, params, num_samples)
         with torch.no_grad():
             old_logprobs = response_logprobs(old, batch)[0]
@@ -171,6 +189,89 @@ def test_sync_weights_reaches_every_weight_tied_embedding_included(tiny, engine,
             old_logprobs = response_logprobs(old_model, batch)[0]
         assert max_diff(batch, new_logprobs) <= LOGPROB_BOUND, names
         assert max_diff(batch, old_logprobs) > 1e-2, names
+
+
+def test_streamed_sync_in_buckets_follows_the_trainer(tiny, engine, trainer):
+    """The recipe's lazy form: (name, tensor) pairs from a generator, in order and shuffled, loaded
+    in buckets of whole decoder layers (a 1 MiB budget: about one layer of the tiny model per
+    bucket; a 1-byte one: every layer, the embedding and the final norm alone). The engine follows
+    the trainer after each sync, and the buckets never split a layer."""
+    tokenizer, prompts, _, state = tiny
+    old_model = load_trainer_model(ASSET)
+    buckets = count_buckets(engine)
+    params = params_for(tokenizer)
+    current = state
+    try:
+        for seed, (budget, shuffle) in enumerate([(1 << 20, False), (1, True), (1 << 20, True)]):
+            engine.sync_bucket_bytes = budget
+            old_model.load_state_dict(current)
+            current = perturbed(current, set(state), seed + 10)
+            trainer.load_state_dict(current)
+            items = list(trainer.state_dict().items())
+            if shuffle:
+                items = [items[i] for i in torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))]
+            buckets.clear()
+            engine.sync_weights(pair for pair in items)
+            units = [{re.sub(r"^(model\.layers\.\d+)\..*", r"\1", name) for name in bucket} for bucket in buckets]
+            assert len(buckets) >= 3 and sum(map(len, buckets)) == len(engine.expected_shapes), buckets
+            for unit in set().union(*units):  # each decoder layer in exactly one bucket
+                assert sum(unit in u for u in units) == 1, (unit, buckets)
+            if budget == 1:
+                assert len(buckets) == 6  # embedding, 4 layers, final norm
+            batch, new_logprobs = sample_and_recompute(engine, trainer, tokenizer, prompts, params)
+            with torch.no_grad():
+                old_logprobs = response_logprobs(old_model, batch)[0]
+            assert max_diff(batch, new_logprobs) <= LOGPROB_BOUND, (budget, shuffle)
+            assert max_diff(batch, old_logprobs) > 1e-2, (budget, shuffle)
+    finally:
+        engine.sync_bucket_bytes = SYNC_BUCKET_BYTES
+        del engine._load_bucket
+
+
+def test_streamed_weights_the_engine_does_not_accept_are_errors(tiny, engine, trainer):
+    """A stream is checked pair by pair: an unknown name, a shape, a name twice, the tied lm_head
+    are errors when they arrive; a weight that never came, after the last pair (saying that the
+    buckets before were loaded). A full sync afterwards restores the engine."""
+    _, _, _, state = tiny
+    vocab, dim = state["tok_embeddings.weight"].shape
+    cases = {
+        "has no place.*layers.0.adapter.weight": [*state.items(), ("layers.0.adapter.weight", torch.zeros(2))],
+        r"shape differs: model.embed_tokens.weight \(trainer \(%d, %d\), engine \(%d, %d\)\)" % (vocab + 64, dim, vocab, dim): [
+            ("tok_embeddings.weight", torch.zeros(vocab + 64, dim))],
+        "model.norm.weight came twice in one sync": [("norm.scale", state["norm.scale"])] * 2,
+        "tied embeddings: trainer tie_word_embeddings=False, engine tie_word_embeddings=True": [
+            ("output.weight", torch.zeros(vocab, dim))],
+        "missing from the trainer: model.layers.3.mlp.down_proj.weight. The weights before them were loaded": [
+            (k, v) for k, v in state.items() if k != "layers.3.mlp.w2.weight"],
+    }
+    for message, pairs in cases.items():
+        with pytest.raises(ValueError, match=message):
+            engine.sync_weights(pair for pair in pairs)
+    engine.sync_weights(streamed(state))
+    assert_engine_has_base_weights(tiny, engine)
+
+
+def test_native_engine_takes_the_same_stream(tiny):
+    """The native engine's `sync_weights` accepts the vLLM engine's streamed form too: each pair is
+    copied into its parameter as it arrives; an unknown name, a shape, a missing weight: ValueError."""
+    from polopt.rollout import NativeRolloutEngine
+
+    tokenizer, _, _, state = tiny
+    replica = load_trainer_model(ASSET)
+    native = NativeRolloutEngine(replica, pad_id=tokenizer.pad_id, decode=str)
+    changed = perturbed(state, set(state), seed=5)
+    native.sync_weights(streamed(changed))
+    assert all(torch.equal(replica.state_dict()[k], v) for k, v in changed.items())
+    native.sync_weights(state)  # the dict form, as before
+    assert all(torch.equal(replica.state_dict()[k], v) for k, v in state.items())
+    vocab, dim = state["tok_embeddings.weight"].shape
+    for message, pairs in {
+        "has no weight 'adapter.weight'": [("adapter.weight", torch.zeros(1))],
+        r"tok_embeddings.weight has shape \(1, %d\)" % dim: [("tok_embeddings.weight", torch.zeros(1, dim))],
+        "missing from the stream: layers.3.mlp.w2.weight": [(k, v) for k, v in state.items() if k != "layers.3.mlp.w2.weight"],
+    }.items():
+        with pytest.raises(ValueError, match=message):
+            native.sync_weights(pair for pair in pairs)
 
 
 @pytest.fixture(scope="session")
@@ -203,7 +304,8 @@ def test_untied_model_syncs_lm_head(untied_dir):
 def test_llama_engine_follows_the_trainer_through_weight_syncs():
     """A real Llama-architecture model (SmolLM2-135M-Instruct, `make smollm2`): the engine's log-probs
     equal those of the trainer's torchtune model (built from config.json) before any sync, and after
-    syncing a changed tied embedding, then every weight; they differ from the old weights'."""
+    syncing a changed tied embedding, then every weight (state dicts), then every weight streamed as
+    (name, tensor) pairs, each sync in 32 MiB buckets; they differ from the old weights'."""
     model_dir = REPO / "assets" / "smollm2-135m-instruct"
     if not (model_dir / "PROVENANCE.md").is_file():
         pytest.fail(f"{model_dir} is missing: run `make smollm2` (make test does)")
@@ -216,6 +318,45 @@ def test_llama_engine_follows_the_trainer_through_weight_syncs():
     assert result["num_tokens"] > 8
     assert result["max_diff_base"] <= LOGPROB_BOUND and result["max_diff_new"] <= LOGPROB_BOUND
     assert result["max_diff_old"] > 1e-2
+    assert result["buckets_per_sync"] >= 10  # 30 layers of 14 MB, two per bucket; the embedding alone
+
+
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_tensor_parallel_engines_under_torchrun(nproc):
+    """torchrun, gloo, N ranks, one TP=2 engine per pair of ranks (tests/scripts/vllm_tp.py): each
+    rank holds half of the embedding and of q/k/v; the engine's log-probs equal the trainer's before
+    and after a streamed, bucketed sync of changed weights (and differ from the old weights'); the
+    ranks of a group sample the same tokens, the groups (own prompts, own seeds) other ones; the
+    default process group works after build and syncs; LOCAL_WORLD_SIZE is torchrun's; vLLM's
+    shared memory is named per engine; bad seeds and sizes are refused on every rank; vLLM's
+    shutdown destroys the default process group."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+         str(REPO / "tests" / "scripts" / "vllm_tp.py")],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    result, closed = lines[0], lines[1]
+    ranks = result["ranks"]
+    assert result["world_size"] == nproc and [r["group"] for r in ranks] == [i // 2 for i in range(nproc)]
+    for r in ranks:
+        assert r["embedding_rows"] == 160 and r["qkv_rows"] == (128 + 2 * 64) // 2  # vocab 320; q 128, k/v 64 rows
+        assert r["num_tokens"] > 4 * 2 * 10 and r["buckets"] >= 3
+        assert r["max_diff_base"] <= LOGPROB_BOUND and r["max_diff_new"] <= LOGPROB_BOUND and r["max_diff_old"] > 1e-2
+        assert r["all_reduce_after_build"] and r["all_reduce_after_sync"]
+        assert r["local_world_size_kept"] and r["local_world_size_end"] == str(nproc)
+        assert "ranks 0..1 form one engine and must pass the same seed, got [0, 1]" in r["refused"]["seed"]
+        assert f"the world size ({nproc} ranks) must be divisible by it" in r["refused"]["size"]
+    # vLLM's CPU TP shared memory is named per engine, not "env://" for every torchrun job (two
+    # jobs on one machine collided: errno 17)
+    assert ranks[0]["dist_ident"].startswith("//polopt-") and len({r["dist_ident"] for r in ranks}) == 1
+    for key in ("tokens_base", "tokens_new"):
+        digests = [r[key] for r in ranks]
+        assert digests[0::2] == digests[1::2]  # the two ranks of a group
+        assert len(set(digests)) == nproc // 2  # groups differ
+    assert closed == {"process_group_after_close": False}
 
 
 # ---------------------------------------------------------------- bad input
@@ -248,9 +389,15 @@ def test_weights_the_engine_does_not_accept_are_refused_before_loading(tiny, eng
     assert_engine_has_base_weights(tiny, engine)
 
 
-def test_tensor_parallel_above_one_is_refused_with_what_is_supported():
-    with pytest.raises(ValueError, match=r"tensor_parallel_size=4 is not supported; set rollout.engine.tensor_parallel_size: 1"):
+def test_tensor_parallel_without_torchrun_is_refused_with_what_to_do():
+    """TP > 1 needs torchrun and the trainer's process group (this pytest process has neither)."""
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=4 needs one process per rank launched with torchrun"):
         VLLMRolloutEngine(str(ASSET), tensor_parallel_size=4)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="tensor_parallel_size must be an integer >= 1"):
+            VLLMRolloutEngine(str(ASSET), tensor_parallel_size=bad)
+    with pytest.raises(ValueError, match="sync_bucket_bytes must be an integer >= 1"):
+        VLLMRolloutEngine(str(ASSET), sync_bucket_bytes=0)
 
 
 def test_vllm_missing_names_the_extra(monkeypatch):

@@ -72,10 +72,36 @@ class NativeRolloutEngine:
         self.max_batch_size = max_batch_size
         self.shared_prefill = shared_prefill
 
-    def sync_weights(self, state_dict: dict) -> None:
-        """Load the trainer's weights (a no-op when the engine generates with the trainer's model)."""
-        if state_dict is not None and not _same_tensors(self.model, state_dict):
-            self.model.load_state_dict(state_dict)
+    def sync_weights(self, weights) -> None:
+        """Load the trainer's weights (a no-op when the engine generates with the trainer's model).
+
+        `weights`: a state dict (loaded with `load_state_dict`, strict), or an iterable of
+        (name, tensor) pairs consumed once, each copied into its parameter as it arrives (the
+        vLLM engine's streaming form). A name the model lacks or a shape that differs is a
+        ValueError when it arrives; a weight that never came, one at the end.
+        """
+        if weights is None:
+            return
+        if isinstance(weights, dict):
+            if not _same_tensors(self.model, weights):
+                self.model.load_state_dict(weights)
+            return
+        own = self.model.state_dict(keep_vars=True)
+        arrived = set()
+        with torch.no_grad():
+            for name, tensor in weights:
+                if name not in own:
+                    raise ValueError(f"sync_weights: the rollout model has no weight {name!r}")
+                if tuple(tensor.shape) != tuple(own[name].shape):
+                    raise ValueError(f"sync_weights: {name} has shape {tuple(tensor.shape)}, the rollout model's "
+                                     f"{tuple(own[name].shape)}")
+                if own[name] is not tensor:
+                    own[name].copy_(tensor)
+                arrived.add(name)
+        missing = sorted(set(own) - arrived)
+        if missing:
+            raise ValueError(f"sync_weights: weights missing from the stream: {', '.join(missing[:5])}"
+                             f"{' …' if len(missing) > 5 else ''}")
 
     @torch.no_grad()
     def generate(
