@@ -436,15 +436,19 @@ def read_metrics(log_dir: Path) -> list[dict[str, float]]:
     return rows
 
 
-def test_tune_run_on_two_ranks_each_with_its_own_vllm_engine(tmp_path):
+@pytest.mark.parametrize("tensor_parallel_size", [1, 2])
+def test_tune_run_on_two_ranks_with_vllm_engines(tmp_path, tensor_parallel_size):
     """(c, short; layout) Two real steps of configs/tiny_arith_vllm.yaml on 2 ranks (FSDP2, gloo),
-    one in-process vLLM engine per rank, correction on: weights are synced every step (the
-    engine's log-probs stay within the bound of the trainer's; one AdamW step at lr 1e-4 moves them
-    by far more), the correction's metrics are logged, the run ends cleanly with a final/ model."""
+    one in-process vLLM engine per rank (TP 1) or one engine for both (TP 2: one data shard, each
+    rank its half of the engine's weights and of the groups), correction on: weights are streamed
+    into the engine every step (its log-probs stay within the bound of the trainer's; one AdamW step
+    at lr 1e-4 moves them by far more), the correction's metrics are logged, the run ends cleanly
+    with a final/ model."""
     proc = tune_run(
         "recipes/online_rl_distributed.py", "configs/tiny_arith_vllm.yaml", f"output_dir={tmp_path}",
         "max_steps=2", "validation.max_questions=16", "checkpoint_every_n_steps=null",
-        "rollout_correction.enabled=true", "rollout_correction.mode=mask", nproc=2,
+        "rollout_correction.enabled=true", "rollout_correction.mode=mask",
+        f"rollout.engine.tensor_parallel_size={tensor_parallel_size}", nproc=2,
     )
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
     assert json.loads((tmp_path / "summary.json").read_text())["world_size"] == 2

@@ -5,7 +5,8 @@ sampler and the evaluator use:
 
     engine.generate(prompt_ids: list[list[int]], num_samples: int, params: SamplingParams)
         -> list[list[Completion]]           # one inner list of K completions per prompt
-    engine.sync_weights(state_dict)         # the trainer's torchtune-named weights after an update
+    engine.sync_weights(weights)            # the trainer's torchtune-named weights after an update: a state
+                                            # dict, or a stream of (name, full tensor) pairs
     engine.shares_trainer_model: bool       # True: generates with the model object it was given
                                             # (the recipe passes the trainer's); False: its own copy,
                                             # which sync_weights must refresh
@@ -26,7 +27,9 @@ which is exactly what the trainer recomputes with a plain forward at the same te
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Protocol
+from typing import Iterable, Optional, Protocol
+
+import torch
 
 from polopt.batch import Completion
 
@@ -77,7 +80,7 @@ class RolloutEngine(Protocol):
         self, prompt_ids: list[list[int]], num_samples: int, params: SamplingParams
     ) -> list[list[Completion]]: ...
 
-    def sync_weights(self, state_dict: dict) -> None: ...
+    def sync_weights(self, weights: dict | Iterable[tuple[str, torch.Tensor]]) -> None: ...
 
 
 def check_generate_args(prompt_ids: list[list[int]], num_samples: int, params: SamplingParams) -> None:
