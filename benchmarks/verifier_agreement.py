@@ -138,8 +138,8 @@ def _git_head(root: Path) -> str:
     import subprocess
 
     out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    changed = subprocess.run(["git", "-C", str(root), "diff", "--quiet", "HEAD", "--", "polopt/verify.py"]).returncode
-    return (out.stdout.strip() or "unknown") + (" with uncommitted changes to polopt/verify.py" if changed else "")
+    changed = subprocess.run(["git", "-C", str(root), "diff", "--quiet", "HEAD", "--", "polopt/verify"]).returncode
+    return (out.stdout.strip() or "unknown") + (" with uncommitted changes to polopt/verify/" if changed else "")
 
 
 def write(label: str, run: dict) -> None:

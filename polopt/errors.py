@@ -25,3 +25,11 @@ class DataError(UserError):
 
 class DataFileNotFound(DataError, FileNotFoundError):
     """A prompt file does not exist."""
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint cannot be resumed by this run; the message says why and what to set."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint holds a pickle that is not tensors or plain data: refused, never unpickled."""

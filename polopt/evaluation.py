@@ -50,7 +50,7 @@ def evaluate_prompts(
     *,
     k: int,
     params: SamplingParams,
-    batch_size: int = 64,
+    batch_size: int,
     progress: bool = False,
     desc: str = "eval",
     keep_answers: bool = False,

@@ -407,7 +407,7 @@ class OnlineRLRecipe(FTRecipeInterface):
         return response_logprobs(
             self.model,
             batch,
-            temperature=self.cfg.rollout.temperature,
+            temperature=self.sampler.params.temperature,  # log π_θ at the temperature the answers were sampled with
             fused=self.cfg.fused_logprobs,
             chunk_size=self.cfg.logprob_chunk_size,
             return_entropy=entropy,
@@ -549,12 +549,7 @@ class OnlineRLRecipe(FTRecipeInterface):
         return self.engine.shares_trainer_model and self.engine.model is self.model
 
     def _full_state_dict(self) -> dict[str, torch.Tensor]:
-        if not self._distributed:
-            return {k: v.detach() for k, v in self.model.state_dict().items()}
-        return {
-            k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach()
-            for k, v in self.model.state_dict().items()
-        }
+        return dict(self._full_tensors())
 
     def _all_reduce(self, t: torch.Tensor, op=None) -> torch.Tensor:
         if self._distributed:

@@ -1,4 +1,4 @@
-"""Training-state checkpoints (polopt/checkpoint.py): DCP round trip, atomic folders, pruning, and
+"""Training-state checkpoints (polopt/checkpoint/): DCP round trip, atomic folders, pruning, and
 refusal of anything on resume that is not tensors or plain data."""
 
 from __future__ import annotations

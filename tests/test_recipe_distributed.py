@@ -68,7 +68,7 @@ def test_two_ranks_take_the_optimiser_steps_of_one_rank(tmp_path, loss):
 
 
 # ---------------------------------------------------------------------------------- resume
-# Sharded checkpoints through `tune run` on 2 gloo ranks (polopt/checkpoint.py).
+# Sharded checkpoints through `tune run` on 2 gloo ranks (polopt/checkpoint/).
 RESUME = ["validation.source=null", "save_final_model=false", "checkpoint_every_n_steps=2"]
 
 

@@ -274,12 +274,12 @@ def test_counters_reach_sampler_metrics_and_evaluation():
         assert metrics["verify/answers"] == 4 and metrics["verify/filtered_as_code"] == 1
         assert metrics["verify/timeouts"] == 1 and metrics["verify/worker_deaths"] == 0
         scores = evaluate_prompts(FixedEngine(), v, [Prompt(text="q", token_ids=[1], answer="2")] * 2, k=3,
-                                  params=SamplingParams(max_new_tokens=4))
+                                  params=SamplingParams(max_new_tokens=4), batch_size=64)
         assert scores["verify/answers"] == 6 and scores["verify/filtered_as_code"] == 2 and scores["verify/timeouts"] == 0
         assert scores["avg_at_k"] == pytest.approx(1 / 3)
         assert merge_counts([scores, scores])["verify/filtered_as_code"] == 4
     custom = evaluate_prompts(FixedEngine(), lambda c, a: [0.0] * len(c), [Prompt(text="q", token_ids=[1], answer="2")], k=1,
-                              params=SamplingParams(max_new_tokens=4))
+                              params=SamplingParams(max_new_tokens=4), batch_size=64)
     assert not any(name.startswith("verify/") for name in custom)  # a verifier without stats() adds nothing
 
 
