@@ -6,8 +6,8 @@ from hypothesis import HealthCheck, settings
 
 REPO = Path(__file__).resolve().parent.parent
 
-# CPU time is shared and slow in CI: no per-example deadline; example counts sized so the whole
-# suite stays under 15 minutes on 2 cores. `HYPOTHESIS_PROFILE=thorough` for a deeper local run.
+# CPU time is shared and slow in CI: no per-example deadline; example counts sized to keep the
+# suite within its budget (README). `HYPOTHESIS_PROFILE=thorough` for a deeper local run.
 settings.register_profile(
     "ci", deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow]
 )

@@ -62,7 +62,7 @@ shapes_strategy = st.lists(
 )
 
 
-@settings(max_examples=200, deadline=None)
+@settings(deadline=None)
 @given(shapes=shapes_strategy, num_minibatches=st.integers(1, 8), whole_groups=st.booleans(), balance=st.booleans())
 def test_plan_covers_the_global_batch_once_in_mini_batches_of_whole_groups(shapes, num_minibatches, whole_groups, balance):
     plan = plan_minibatches(shapes, num_minibatches, whole_groups=whole_groups, balance_tokens=balance)
@@ -100,7 +100,7 @@ def real_tokens(batch):
     return [batch.input_ids[i][batch.attention_mask[i]].tolist() for i in range(len(batch))]
 
 
-@settings(max_examples=100, deadline=None)
+@settings(deadline=None)
 @given(shapes=shapes_strategy.filter(lambda s: any(s)), num_minibatches=st.integers(1, 6), whole_groups=st.booleans())
 def test_every_layout_trains_on_the_mini_batches_one_rank_would_cut(shapes, num_minibatches, whole_groups):
     """The rows all ranks receive for mini-batch k are, in global order, the k-th mini-batch of the

@@ -51,10 +51,11 @@ def run_update(nproc: int, batch_path: Path, out: Path, loss: str) -> dict:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("loss", ["nft", "grpo"])
+@pytest.mark.parametrize("loss", ["nft", "grpo", "infonca"])
 def test_two_ranks_take_the_optimiser_steps_of_one_rank(tmp_path, loss):
     """6 groups, num_minibatches=4: each rank holds 3 groups, yet both runs take 4 optimiser steps
-    over the same mini-batches (partial groups and placeholder micro-batches on 2 ranks)."""
+    over the same mini-batches (partial groups and placeholder micro-batches on 2 ranks; InfoNCA,
+    which needs whole groups in one call, gets whole groups dealt)."""
     batch_path = tmp_path / "batch.pt"
     torch.save(fixed_batch(num_groups=6), batch_path)
     one = run_update(1, batch_path, tmp_path / "one" / "m.json", loss)
