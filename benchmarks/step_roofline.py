@@ -11,7 +11,7 @@ one optimiser step per rollout — on three sides: polopt's recipe, the same wit
 
     rollout        polopt: OnlineRLRecipe.rollout     TRL: GRPOTrainer._generate_and_score_completions
                    (generate, reward, collate; both minus their old log-probs)
-    old log-probs  polopt: _old_logprobs inside the rollout (only with recompute_old_logprobs)
+    old log-probs  polopt: _logprobs inside the rollout (only with recompute_old_logprobs)
                    TRL: _get_per_token_logps_and_entropies inside the rollout (only when it needs π_old:
                    num_iterations > 1, generation batches reused across steps, vLLM's correction)
     update         polopt: update_policy minus the optimizer   TRL: training_step minus the rollout
@@ -239,7 +239,7 @@ def polopt_worker(steps: int, threads: int, overrides: list[str], step: Step) ->
     meter = PhaseMeter()
     cls = recipe.OnlineRLRecipe
     meter.wrap(cls, "rollout", "rollout", minus=("old_logprobs",))
-    meter.wrap(cls, "_old_logprobs", "old_logprobs", within="rollout")
+    meter.wrap(cls, "_logprobs", "old_logprobs", within="rollout")  # π_old, recomputed inside the rollout
     meter.wrap(cls, "update_policy", "update", minus=("optimizer",), ends_step=True)
     meter.wrap(cls, "_optimizer_step", "optimizer", within="update")
     with tempfile.TemporaryDirectory() as tmp:

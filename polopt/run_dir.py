@@ -28,8 +28,8 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torchtune import utils
 
+from polopt.config.resume import resume_config_changes
 from polopt.errors import ConfigError
-from polopt.recipe_config import resume_config_changes
 
 log = utils.get_logger("INFO")
 

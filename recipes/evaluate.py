@@ -9,14 +9,15 @@ run wrote. Questions go through the same prompt templates, rollout engine and ve
 (`polopt.evaluation.evaluate_prompts`), so a validation curve during training and this recipe's
 numbers are the same measurement. `k` answers are sampled per question; `pass_k` lists the j <= k
 for which the unbiased pass@j (Chen et al. 2021, `polopt.evaluation.pass_at_k`) is computed from
-the per-question correct counts. Writes `output_dir/eval.json` (per dataset: avg@k, pass@k = solved
+the per-question correct counts (unset, `pass_k: null`: 1, 4, 16, ... up to k; a j above k that
+the config asks for is refused). Writes `output_dir/eval.json` (per dataset: avg@k, pass@k = solved
 at least once in k, "pass@j" for each j in pass_k, each question's correct count, number of
 questions, sampling settings) and `output_dir/eval.md` (a markdown table); an existing eval.json
 is replaced only with `overwrite=true`.
 
 A dataset entry is a path (JSONL/Parquet) or hub name, or a mapping with `source` and any of
 `name`, `template`, `question_field`, `answer_field`, `split`, `k`, `max_questions`. Every key is
-checked (`polopt.recipe_config.validate_eval_config`): a typo is an error, not a default.
+checked (`polopt.config.validate.validate_eval_config`): a typo is an error, not a default.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from polopt.recipe_config import (
     ConfigError,
     describe_user_error,
     instantiate_component,
+    pass_k_for,
     sampling_params,
     validate_eval_config,
 )
@@ -130,7 +132,8 @@ class EvaluateRecipe:
             if cfg.save_answers:
                 self.answers[name] = scores.pop("answers")
             scores["seconds"] = round(time.perf_counter() - start, 2)
-            for j in self.cfg.pass_k:
+            pass_k = pass_k_for(cfg.pass_k, k)
+            for j in pass_k:
                 scores[f"pass@{j}"] = pass_at_k(scores["correct_per_question"], k, j)
             results[name] = {
                 **scores,
@@ -138,7 +141,7 @@ class EvaluateRecipe:
                 "n_dropped_too_long": dataset.num_dropped,
                 "sampling": asdict(params),
             }
-            unbiased = "".join(f", pass@{j} = {scores[f'pass@{j}']:.4f}" for j in self.cfg.pass_k)
+            unbiased = "".join(f", pass@{j} = {scores[f'pass@{j}']:.4f}" for j in pass_k)
             log.info(f"{name}: avg@{k} = {scores['avg_at_k']:.4f}, pass@{k} = {scores['pass_at_k']:.4f}{unbiased} "
                      f"({int(scores['n_questions'])} questions)")
         return results
@@ -151,12 +154,12 @@ class EvaluateRecipe:
         for name, answers in self.answers.items():
             with open(out / f"answers_{name}.jsonl", "w") as f:
                 f.writelines(json.dumps(a) + "\n" for a in answers)
-        extra = [f"pass@{j}" for j in self.cfg.pass_k]
+        extra = sorted({c for r in results.values() for c in r if c.startswith("pass@")}, key=lambda c: int(c[5:]))
         lines = ["| dataset | n | k | avg@k | pass@k (solved in k) |" + "".join(f" {c} |" for c in extra),
                  "|---|---:|---:|---:|---:|" + "---:|" * len(extra)]
         for name, r in results.items():
             lines.append(f"| {name} | {int(r['n_questions'])} | {int(r['k'])} | {r['avg_at_k']:.4f} | {r['pass_at_k']:.4f} |"
-                         + "".join(f" {r[c]:.4f} |" for c in extra))
+                         + "".join(f" {r[c]:.4f} |" if c in r else " – |" for c in extra))
         if len(results) > 1:
             mean = sum(r["avg_at_k"] for r in results.values()) / len(results)
             lines.append(f"| **mean** | | | {mean:.4f} | |" + " |" * len(extra))

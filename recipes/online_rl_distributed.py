@@ -28,7 +28,6 @@ an unsharded replica per rank, refreshed after every step (the same contract as 
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import sys
@@ -66,12 +65,19 @@ from polopt.recipe_config import (
     ConfigError,
     describe_user_error,
     instantiate_component,
-    sampling_params,
     validate_config,
 )
 from polopt.rollout import SamplingParams
 from polopt.rollout.correction import RolloutCorrection
 from polopt.rollout.sampler import DynamicSampler
+from polopt.rollout_worker import (
+    InlineProducer,
+    ProcessProducer,
+    ProducerSpec,
+    Rollout,
+    prompt_stream,
+    rollout_sampling_params,
+)
 from polopt.run_dir import claim_output_dir, remove_unstarted_run, write_results, write_run_config
 from polopt.runtime import set_cpu_threads
 from polopt.tokenizer import check_tokenizer
@@ -108,12 +114,35 @@ class OnlineRLRecipe(FTRecipeInterface):
                 "num_minibatches",
             )
         self._tp_group = self._new_tp_group()
+        self.max_staleness = self._check_max_staleness(cfg)
+        self.producer = None
+        self._resumed_in_flight: list[Rollout] = []
+        self._resumed_stream_state: Optional[dict] = None
         self.output_dir = Path(cfg.output_dir)
         self._output_dir_is_new = self._claim_output_dir(cfg)
         self.seed = training.set_seed(seed=cfg.seed)
         self.global_step = 0
         self.nan_steps = 0
         self.history: list[dict[str, float]] = []
+
+    @staticmethod
+    def _check_max_staleness(cfg: DictConfig) -> int:
+        k = cfg.rollout.get("max_staleness", 0)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ConfigError(f"rollout.max_staleness={k!r} must be an integer >= 0 (0: synchronous)", "rollout.max_staleness")
+        if k and not _get_component_from_path(cfg.rollout.engine._component_).shares_trainer_model:
+            raise ConfigError(
+                f"rollout.max_staleness={k} runs the native engine in a producer process; set "
+                "rollout.engine._component_=polopt.rollout.NativeRolloutEngine, or rollout.max_staleness=0 with vLLM",
+                "rollout.max_staleness",
+            )
+        if k and not cfg.recompute_old_logprobs:
+            raise ConfigError(
+                f"rollout.max_staleness={k} needs recompute_old_logprobs: true: the loss's ratio is taken against "
+                "the trainer's policy at the update (π_old), not the stale policy that sampled (docs/rollout.md)",
+                "recompute_old_logprobs",
+            )
+        return k
 
     def _new_tp_group(self):
         """The process group of this rank's TP group (None at TP size 1): the ranks sharing an
@@ -140,7 +169,7 @@ class OnlineRLRecipe(FTRecipeInterface):
     def abandon(self) -> None:
         """After an error: close what holds files open, and remove an output_dir this run created
         if it failed before its first step (nothing in it is worth keeping)."""
-        for closeable in (getattr(self, "metric_logger", None), getattr(self, "verifier", None)):
+        for closeable in (getattr(self, "producer", None), getattr(self, "metric_logger", None), getattr(self, "verifier", None)):
             try:
                 if closeable is not None and hasattr(closeable, "close"):
                     closeable.close()
@@ -170,7 +199,7 @@ class OnlineRLRecipe(FTRecipeInterface):
             self.verifier,
             num_prompts=self.prompts_per_shard,
             num_samples=cfg.rollout.num_samples,
-            params=self._sampling_params(cfg.rollout, "rollout"),
+            params=self._sampling_params("rollout"),
             max_gen_batches=cfg.filter.max_gen_batches,
             filter_groups=cfg.filter.enabled,
             agree=self._tp_agree,
@@ -252,16 +281,10 @@ class OnlineRLRecipe(FTRecipeInterface):
         return instantiate_component(engine_cfg, "rollout.engine", model=rollout_model, pad_id=self.tokenizer.pad_id, decode=decode)
 
     def _setup_prompts(self, cfg: DictConfig) -> PromptStream:
-        dataset = instantiate_component(cfg.dataset, "dataset", self.tokenizer)
-        dataset.check_fits(cfg.rollout.max_new_tokens, self.model.max_seq_len, max_new_tokens_key="rollout.max_new_tokens")
-        return PromptStream(
-            dataset,
-            batch_size=self.gen_batch_per_shard,
-            seed=cfg.seed,
-            shuffle=cfg.shuffle,
-            num_replicas=self.topology.dp_size,
-            rank=self.topology.dp_rank,
-        )
+        stream = prompt_stream(cfg, self.tokenizer, self.topology, self.gen_batch_per_shard)
+        stream.dataset.check_fits(cfg.rollout.max_new_tokens, self.model.max_seq_len,
+                                  max_new_tokens_key="rollout.max_new_tokens")
+        return stream
 
     def _setup_validation(self, cfg: DictConfig) -> list[dict]:
         """Held-out questions; their length limit is `validation.max_prompt_tokens`, not the
@@ -280,25 +303,22 @@ class OnlineRLRecipe(FTRecipeInterface):
         questions = [dataset[i] for i in range(len(dataset))][: v.max_questions]
         return self.topology.data_shard(questions)
 
-    def _sampling_params(self, section: DictConfig, key: str, seed: Optional[int] = None) -> SamplingParams:
-        return sampling_params(
-            f"{key}.",
-            temperature=section.temperature,
-            top_p=section.top_p,
-            top_k=section.get("top_k"),
-            max_new_tokens=section.get("max_new_tokens") or self.cfg.rollout.max_new_tokens,
-            stop_token_ids=list(self.tokenizer.stop_tokens),
-            seed=seed,
-        )
+    def _sampling_params(self, key: str, seed: Optional[int] = None) -> SamplingParams:
+        return rollout_sampling_params(self.cfg, self.tokenizer, key, seed=seed)
 
     # ------------------------------------------------------------------ one policy iteration
     def rollout(self) -> tuple[list[MinibatchShare], dict[str, float]]:
         """Sample, verify and filter; cut the kept groups of all ranks into this rank's shares of
         the global mini-batches (empty if no rank kept a group)."""
         self.model.eval()
-        # Seeded per (run seed, step, data shard): a resumed run samples exactly what the original did.
-        groups, metrics = self.sampler.sample(seed=self.topology.mix_seed(self.seed, self.global_step))
-        minibatches = self.minibatches(self.topology.tp_slice(groups))
+        waited = time.perf_counter()
+        rollout = self.producer.get(self.global_step)
+        metrics = dict(rollout.metrics)
+        if self.max_staleness:
+            metrics["rollout/staleness"] = float(self.global_step - rollout.policy_version)
+            metrics["time/trainer_wait_s"] = time.perf_counter() - waited
+            metrics["time/producer_idle_s"] = rollout.idle_seconds
+        minibatches = self.minibatches(self.topology.tp_slice(rollout.groups))
         metrics["optimizer_steps"] = float(len(minibatches))
         if self.cfg.recompute_old_logprobs:
             micros = [micro for minibatch in minibatches for micro in minibatch.micro_batches]
@@ -465,7 +485,7 @@ class OnlineRLRecipe(FTRecipeInterface):
             self.verifier,
             self.val_prompts,
             k=v.k,
-            params=self._sampling_params(v, "validation", seed=self.topology.mix_seed(self.seed + 1, 0)),
+            params=self._sampling_params("validation", seed=self.topology.mix_seed(self.seed + 1, 0)),
             batch_size=v.batch_size,
             progress=self._is_rank_zero,
             desc="validation",
@@ -478,8 +498,27 @@ class OnlineRLRecipe(FTRecipeInterface):
         return {"val/accuracy": part["avg_at_k"], "val/pass_at_k": part["pass_at_k"]}
 
     # ------------------------------------------------------------------ loop
+    def _setup_producer(self):
+        """The rollout producer (polopt/rollout_worker.py): the trainer's own sampler at staleness 0,
+        a child process with its own weights ahead of the trainer at staleness k ≥ 1."""
+        k = self.max_staleness
+        # Seeded per (run seed, step, data shard): a resumed run samples exactly what the original did.
+        if k == 0:
+            return InlineProducer(self.sampler, lambda step: self.topology.mix_seed(self.seed, step))
+        spec = ProducerSpec(
+            config=OmegaConf.to_container(self.cfg, resolve=True), topology=self.topology, seed=self.seed,
+            num_prompts=self.prompts_per_shard, gen_batch_size=self.gen_batch_per_shard,
+            num_threads=self.num_threads, max_steps=self.cfg.max_steps, max_staleness=k,
+            start_step=self.global_step + len(self._resumed_in_flight),
+            stream_state=self._resumed_stream_state,
+            weights={name: w.detach().clone() for name, w in self._full_state_dict().items()},
+            weights_version=self.global_step,
+        )
+        return ProcessProducer(spec, pending=self._resumed_in_flight)
+
     def train(self) -> None:
         cfg = self.cfg
+        self.producer = self._setup_producer()
         start = time.perf_counter()
         if self.global_step == 0 and self.val_prompts is not None and cfg.validation.source:
             self._record(0, self.validate())
@@ -499,6 +538,7 @@ class OnlineRLRecipe(FTRecipeInterface):
                 metrics["tokens_per_second"] = minibatches[0].global_tokens / max(1e-9, time.perf_counter() - t0)
             self.global_step += 1
             self._sync_rollout_weights()
+            self.producer.push_weights(self.global_step, self._full_state_dict)
             metrics["time/rollout_s"] = t_rollout
             metrics["time/step_s"] = time.perf_counter() - t0
             metrics["time/step_cpu_s"] = time.process_time() - t0_cpu  # this process's threads, not the neighbours'
@@ -571,7 +611,14 @@ class OnlineRLRecipe(FTRecipeInterface):
                 "config": OmegaConf.to_container(self.cfg, resolve=True),
             },
             # The stream position belongs to this rank's data shard (its TP group's, polopt/topology.py).
-            rank_state={"data_shard": self._data_shard(), "prompt_stream": self.prompt_stream.state_dict(), "rng": rng_state()},
+            rank_state={
+                "data_shard": self._data_shard(),
+                # Rollouts already made for the coming steps (staleness k ≥ 1), and the prompt
+                # position after them: a resumed producer continues from there.
+                "in_flight": [r.to_json() for r in self.producer.in_flight(self.global_step)],
+                "prompt_stream": self.producer.stream_state(),
+                "rng": rng_state(),
+            },
             keep_last=self.cfg.keep_last_checkpoints,
         )
         if self._is_rank_zero:
@@ -594,7 +641,11 @@ class OnlineRLRecipe(FTRecipeInterface):
                 f"its prompt position belongs to another shard; resume with the saved rollout.engine.tensor_parallel_size",
                 "rollout.engine.tensor_parallel_size",
             )
-        self.prompt_stream.load_state_dict(rank_state["prompt_stream"])
+        if self.max_staleness:
+            self._resumed_in_flight = [Rollout.from_json(r) for r in rank_state.get("in_flight", [])]
+            self._resumed_stream_state = rank_state["prompt_stream"]
+        else:
+            self.prompt_stream.load_state_dict(rank_state["prompt_stream"])
         set_rng_state(rank_state["rng"])
         self.history = trainer_state["history"]
         self.nan_steps = trainer_state["nan_steps"]
@@ -646,6 +697,8 @@ class OnlineRLRecipe(FTRecipeInterface):
         }
 
     def cleanup(self) -> None:
+        if self.producer is not None:
+            self.producer.close()
         if self.metric_logger is not None:
             self.metric_logger.close()
         if hasattr(self.verifier, "close"):

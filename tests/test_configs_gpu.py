@@ -160,7 +160,6 @@ def _check_named_arguments(cfg) -> None:
 
 def start_components(cfg, tmp_path: Path) -> torch.nn.Module:
     """Every component of the config as the recipe builds it; the model on the meta device."""
-    from polopt.prompts import DEFAULT_TEMPLATE, prompt_dataset
     from polopt.recipe_config import instantiate_component, validate_config
 
     cfg = validate_config(cfg)
@@ -176,9 +175,21 @@ def start_components(cfg, tmp_path: Path) -> torch.nn.Module:
     verifier.close()
     instantiate_component(cfg.rollout_correction, "rollout_correction")
     _check_engine_arguments(cfg, tokenizer)
+    build_datasets(cfg, tokenizer, model.max_seq_len)
+    logger = instantiate_component(cfg.metric_logger, "metric_logger")
+    logger.close()
+    return model
+
+
+def build_datasets(cfg, tokenizer, max_seq_len: int):
+    """The training dataset and the validation set as the recipe builds them, each non-empty and
+    checked against the model's context (tests/test_recipe.py builds the CPU configs' with it)."""
+    from polopt.config.instantiate import instantiate_component
+    from polopt.prompts import DEFAULT_TEMPLATE, prompt_dataset
+
     dataset = instantiate_component(cfg.dataset, "dataset", tokenizer)
     assert len(dataset) > 0
-    dataset.check_fits(cfg.rollout.max_new_tokens, model.max_seq_len, max_new_tokens_key="rollout.max_new_tokens")
+    dataset.check_fits(cfg.rollout.max_new_tokens, max_seq_len, max_new_tokens_key="rollout.max_new_tokens")
     v = cfg.validation
     validation = prompt_dataset(
         tokenizer, v.source, split=v.split, question_field=v.question_field, answer_field=v.answer_field,
@@ -186,11 +197,9 @@ def start_components(cfg, tmp_path: Path) -> torch.nn.Module:
         on_too_long=v.on_too_long, config_section="validation",
     )
     assert len(validation) > 0
-    validation.check_fits(v.max_new_tokens or cfg.rollout.max_new_tokens, model.max_seq_len,
+    validation.check_fits(v.max_new_tokens or cfg.rollout.max_new_tokens, max_seq_len,
                           max_new_tokens_key="validation.max_new_tokens")
-    logger = instantiate_component(cfg.metric_logger, "metric_logger")
-    logger.close()
-    return model
+    return dataset, validation
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMETERS))

@@ -10,6 +10,7 @@ script does exactly this. Error cases run `recipe_main` in-process with its real
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import os
@@ -32,7 +33,7 @@ SMALL = [
     "validation.every_n_steps=1",
     "checkpoint_every_n_steps=null",
 ]
-EVAL_SMALL = ["datasets=[{source: assets/tiny_arith/val.jsonl, name: arith, max_questions: 8}]", "k=1", "pass_k=[1]"]
+EVAL_SMALL = ["datasets=[{source: assets/tiny_arith/val.jsonl, name: arith, max_questions: 8}]", "k=1"]
 HF_FILES = {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
             "vocab.json", "merges.txt", "special_tokens.json", "polopt.json"}
 
@@ -62,12 +63,20 @@ def _recipe_module(name: str):
 
 
 def run_recipe_main(monkeypatch, capsys, recipe: str, config: str, *overrides: str) -> tuple[int, str]:
-    """`recipe_main` of recipes/<recipe>.py as `tune run` calls it; returns (exit status, stderr)."""
+    """`recipe_main` of recipes/<recipe>.py as `tune run` calls it; returns (exit status, stderr).
+    stderr includes what Python would print as "Exception ignored in ..." with its traceback (an
+    object's __del__ failing, e.g. a half-built one), once what the run left is collected."""
     monkeypatch.chdir(REPO)
     monkeypatch.setattr(sys, "argv", [f"recipes/{recipe}.py", "--config", config, *overrides])
+    ignored: list[str] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: ignored.append(
+        f"Exception ignored in: {u.object!r}\nTraceback (most recent call last):\n{u.exc_type.__name__}: {u.exc_value}"))
     with pytest.raises(SystemExit) as exited:
         _recipe_module(recipe).recipe_main()
-    return exited.value.code, capsys.readouterr().err
+    code = exited.value.code
+    del exited
+    gc.collect()
+    return code, capsys.readouterr().err + "".join(f"\n{text}" for text in ignored)
 
 
 def _train_config(*overrides: str):
@@ -93,6 +102,7 @@ def test_train_evaluate_train_from_final_evaluate(trained, polopt_env, tmp_path)
            *EVAL_SMALL)
     eval1 = json.loads((tmp_path / "eval1" / "eval.json").read_text())
     assert eval1["datasets"]["arith"]["n_questions"] == 8
+    assert [key for key in eval1["datasets"]["arith"] if key.startswith("pass@")] == ["pass@1"]  # k=1 allows pass@1
     assert not (tmp_path / "eval1" / "checkpointer").exists()
 
     # Train again from final/: the new run starts from the trained weights, so its first held-out
@@ -167,7 +177,7 @@ def test_second_run_into_a_used_output_dir_is_refused_and_changes_nothing(traine
 def test_resume_refuses_a_changed_loss_or_batch_shape_unless_allowed(trained, monkeypatch):
     run1, _ = trained
     recipe_class = _recipe_module("online_rl_distributed").OnlineRLRecipe
-    from polopt.recipe_config import ConfigError
+    from polopt.errors import ConfigError
 
     monkeypatch.chdir(REPO)
     base = [f"output_dir={run1}", "resume=true", *SMALL]
@@ -183,7 +193,7 @@ def test_resume_refuses_a_changed_loss_or_batch_shape_unless_allowed(trained, mo
 
 
 def test_overwrite_deletes_only_a_polopt_run(tmp_path, monkeypatch):
-    from polopt.recipe_config import ConfigError
+    from polopt.errors import ConfigError
 
     recipe_class = _recipe_module("online_rl_distributed").OnlineRLRecipe
     monkeypatch.chdir(REPO)
@@ -284,6 +294,23 @@ TRAIN_ERRORS = {
     "rollout temperature 0": (["rollout.temperature=0"], ["rollout.temperature must be > 0, got 0"]),
     "validation top_p above 1": (["validation.top_p=2"], ["validation.top_p must be in (0, 1], got 2"]),
     "output_dir is a file": (["output_dir={bad_jsonl}"], ["bad.jsonl is a file, not a folder", "set output_dir to a folder"]),
+    "negative warm-up": (["lr_scheduler.num_warmup_steps=-5"], ["'lr_scheduler.num_warmup_steps' must be >= 0, got -5"]),
+    "negative checkpoint count": (["keep_last_checkpoints=-1"], ["'keep_last_checkpoints' must be >= 0, got -1"]),
+    "log every 0 steps": (["log_every_n_steps=0"], ["'log_every_n_steps' must be >= 1, got 0"]),
+    "validation batch of 0": (["validation.batch_size=0"], ["'validation.batch_size' must be >= 1, got 0"]),
+    "negative gradient clip": (["clip_grad_norm=-1"], ["'clip_grad_norm' must be > 0", "got -1"]),
+    "staleness without the trainer's pi_old": (["rollout.max_staleness=1"],
+                                              ["rollout.max_staleness=1 needs recompute_old_logprobs: true"]),
+    "staleness with vLLM": (["rollout.max_staleness=2", "recompute_old_logprobs=true",
+                             "rollout.engine._component_=polopt.rollout.VLLMRolloutEngine"],
+                            ["rollout.max_staleness=2 runs the native engine in a producer process"]),
+    "negative staleness": (["rollout.max_staleness=-1"], ["rollout.max_staleness", "-1"]),
+    "more mini-batches than prompts": (["num_minibatches=9", "rollout.num_prompts=8"],
+                                       ["num_minibatches=9 is more than rollout.num_prompts=8"]),
+    # torchtune's DiskLogger makes its folder in its constructor; a failure there must not add
+    # its half-built object's "Exception ignored" traceback after the one line.
+    "metric log folder cannot be made": (["metric_logger.log_dir=/proc/polopt_nope"],
+                                         ["metric_logger.log_dir", "cannot make /proc/polopt_nope"]),
 }
 
 
@@ -331,14 +358,17 @@ EVAL_ERRORS = {
                              ["val.jsonl:1:", "Set datasets[0].answer_field"]),
     "k below 1": (["k=0"], ["'k' must be >= 1"]),
     "missing dataset file": (["datasets=[/no/such/set.jsonl]"], ["/no/such/set.jsonl"]),
-    # configs/evaluate.yaml asks for pass@1/4/16
-    "pass_k above k": (["k=4"], ["'pass_k' asks for pass@16", "k=4", "drop 16 from pass_k"]),
+    # pass@j for j > k, asked for (configs/evaluate.yaml's pass_k: null gives what k allows)
+    "pass_k above k": (["k=4", "pass_k=[1,4,16]"], ["'pass_k' asks for pass@16", "k=4", "drop 16 from pass_k"]),
     "pass_k not a list": (["pass_k=4"], ["'pass_k' must be a list"]),
     "pass_k below 1": (["pass_k=[0,1]"], ["'pass_k' must be a list of integers >= 1"]),
     "temperature 0": (["temperature=0"], ["temperature must be > 0"]),
     "verifier rejects its workers": (["verifier.num_workers=0"], ["verifier (polopt.verify.MathVerifier)", "num_workers"]),
-    "vLLM engine without its model": (["rollout.engine._component_=polopt.rollout.VLLMRolloutEngine"],
-                                      ["set rollout.engine.model_name_or_path"]),
+    # vLLM loads model_dir unless told otherwise; with neither there is no model to load
+    "vLLM engine without model_dir": (["rollout.engine._component_=polopt.rollout.VLLMRolloutEngine", "model_dir=null",
+                                       "tokenizer.path=assets/tiny_arith"], ["set rollout.engine.model_name_or_path"]),
+    "max_questions 0": (["max_questions=0"], ["'max_questions' must be >= 1, got 0"]),
+    "batch_size 0": (["batch_size=0"], ["'batch_size' must be >= 1, got 0"]),
 }
 
 
@@ -353,6 +383,38 @@ def test_evaluation_user_errors_are_one_line_exit_2(case, tmp_path, monkeypatch,
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
     assert not (tmp_path / "eval").exists()
+
+
+def test_evaluation_with_a_small_k_reports_the_pass_at_j_it_allows(tmp_path, monkeypatch, capsys):
+    """`k=2` with configs/evaluate.yaml as shipped (pass_k: null): pass@1 (and pass@2 = solved in 2),
+    not a refusal over the pass@4 and pass@16 that 16 samples would give."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "argv", ["recipes/evaluate.py", "--config", "configs/evaluate.yaml", f"output_dir={tmp_path}",
+                                      "k=2", "datasets=[{source: assets/tiny_arith/val.jsonl, name: arith, max_questions: 4}]"])
+    with pytest.raises(SystemExit) as exited:  # torchtune's config.parse exits with the recipe's return value
+        _recipe_module("evaluate").recipe_main()
+    assert not exited.value.code, capsys.readouterr().err
+    arith = json.loads((tmp_path / "eval.json").read_text())["datasets"]["arith"]
+    assert arith["k"] == 2 and [key for key in arith if key.startswith("pass@")] == ["pass@1"]
+    assert arith["pass@1"] == pytest.approx(arith["avg_at_k"])
+    assert "| pass@1 |" in (tmp_path / "eval.md").read_text().splitlines()[0]
+
+
+@pytest.mark.parametrize("config", ["evaluate", "smollm2_addition_eval"])
+def test_evaluating_with_vllm_needs_the_model_written_once(config):
+    """The engine override alone: vLLM's model_name_or_path is model_dir (one `model_dir=` names the
+    model for the tokenizer, the checkpointer and the engine); a path given for the engine stays.
+    (tests/test_vllm_engine.py's evaluate run goes through this with the real engine.)"""
+    from polopt.config.validate import validate_eval_config
+
+    def engine(*overrides):
+        cfg = OmegaConf.merge(OmegaConf.load(REPO / "configs" / f"{config}.yaml"), OmegaConf.from_dotlist(
+            ["output_dir=/tmp/unused", "rollout.engine._component_=polopt.rollout.VLLMRolloutEngine", *overrides]))
+        return validate_eval_config(cfg).rollout.engine
+
+    assert engine("model_dir=/models/mine").model_name_or_path == "/models/mine"
+    assert engine("model_dir=/models/mine", "rollout.engine.model_name_or_path=/models/other").model_name_or_path == "/models/other"
+    assert "model_name_or_path" not in engine("model_dir=null")
 
 
 def test_evaluation_refuses_to_replace_an_earlier_eval(tmp_path, monkeypatch, capsys):

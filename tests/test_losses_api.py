@@ -10,8 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from strategies import epsilons_at_most_one, loss_configs, policy_batches
 
 from polopt.losses import (
+    GRPO_FAMILY,
     PolicyLoss,
     TokenLevelLoss,
     get_loss,
@@ -221,6 +225,42 @@ def test_metrics_report_clipping_ratios_and_token_counts():
     assert get_loss("nft")(*args).metrics["neg_clip_frac"] == 0.0
     assert get_loss("nft", epsilon=2.0)(*args).metrics["neg_clip_frac"] == 1.0
     assert all(isinstance(v, float) for v in grpo.values())
+
+
+CLIP_FRACTIONS = ("clip_frac", "clip_frac_high", "clip_frac_low", "neg_clip_frac")
+
+
+@given(policy_batches(), loss_configs(names=("nft", *GRPO_FAMILY)), st.sampled_from([0.0, 1e-7, 1e-5]), st.data())
+def test_no_token_counts_as_clipped_on_policy_even_with_rounding_noise(batch, config, noise, data):
+    """On-policy, π_old = π_θ exactly or recomputed (log π_old off by rounding-sized noise, as the
+    engine's and the trainer's forward passes are), every clip fraction is exactly 0: R = 1 is
+    inside every clip range, NFT's with ε ≤ 1 included (x(1) = 1 ≥ ε; with ε = 1 the boundary is
+    R = 1 itself, where an exact comparison counted the noise)."""
+    name, hp = config
+    if name == "nft":  # ε = 1 (the default) puts the boundary at R = 1; ε > 1 clips on-policy, in value too
+        hp["epsilon"] = data.draw(st.just(1.0) | epsilons_at_most_one)
+    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    batch = batch.on_policy()
+    old = batch.old_logprobs + noise * torch.randn(batch.old_logprobs.shape, generator=generator, dtype=batch.old_logprobs.dtype)
+    metrics = get_loss(name, **hp)(batch.leaf(), old, batch.mask, batch.rewards, batch.group_ids).metrics
+    fractions = {key: metrics[key] for key in CLIP_FRACTIONS if key in metrics}
+    assert fractions and all(value == 0.0 for value in fractions.values()), (name, hp, fractions)
+
+
+@given(policy_batches(), loss_configs(names=("nft", *GRPO_FAMILY), options=False))
+def test_clip_fractions_count_tokens_far_off_policy(batch, config):
+    """R = e^±4 is past every clip boundary these losses can have (NFT's R_ε ≤ 1/r̂ ≤ 16 for groups
+    of ≤ 16): the first group's right answer (A > 0) and wrong answer (A < 0, NFT's negatives) count."""
+    name, hp = config
+    loss_fn = get_loss(name, **hp)
+    args = (batch.mask, batch.rewards, batch.group_ids)
+    above = loss_fn(batch.leaf(), batch.logprobs - 4.0, *args).metrics
+    below = loss_fn(batch.leaf(), batch.logprobs + 4.0, *args).metrics
+    if name == "nft":
+        assert above["neg_clip_frac"] > 0
+    else:
+        assert above["clip_frac_high"] > 0 and above["clip_frac_low"] == 0
+        assert below["clip_frac_low"] > 0 and below["clip_frac_high"] == 0
 
 
 def test_k3_kl_term_adds_kl_coef_times_k3():

@@ -57,10 +57,12 @@ def test_op_meter_books_flops_to_the_innermost_phase_as_the_flop_counter_counts_
 
 
 def test_step_roofline_runs_every_side(tmp_path):
+    """A small step (4 prompts × 2 answers, ≤ 8 new tokens): the time is mostly the three processes starting."""
     env = {**os.environ, "POLOPT_BENCH_RESULTS": str(tmp_path), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "step_roofline.py"), "--rounds", "1", "--steps", "2", "--name", "roofline"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        [sys.executable, str(REPO / "benchmarks" / "step_roofline.py"), "--rounds", "1", "--steps", "2",
+         "--prompts", "4", "--answers", "2", "--new-tokens", "8", "--name", "roofline"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=240,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "roofline.json").read_text())
@@ -74,7 +76,7 @@ def test_step_roofline_runs_every_side(tmp_path):
     assert len(result["matmul"]["gflops_by_shape"]) > 1  # the step's own shapes, and the square one
     # The same step on both sides: the same number of answers, about the same length.
     tokens = [side["answer_tokens_counted"] for side in result["sides"].values()]
-    assert min(tokens) > 0
+    assert min(tokens) > 0 and max(tokens) <= 4 * 2 * 8
     for bound in result["bounds"].values():
         assert bound["least_cpu_seconds"] < bound["measured_cpu_seconds"]  # nothing runs above the peak
     text = (tmp_path / "roofline.md").read_text()

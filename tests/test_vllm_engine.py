@@ -489,12 +489,13 @@ def test_engine_model_that_does_not_fit_the_trainer_is_a_setup_error(tmp_path, u
 
 def test_evaluate_recipe_with_the_vllm_engine(tmp_path):
     """(d) recipes/evaluate.py with the engine overridden to vLLM: the base tiny model solves some
-    of its held-out arithmetic (base avg@k ~0.3)."""
+    of its held-out arithmetic (base avg@k ~0.3). The model is named once, by model_dir: the
+    engine's model_name_or_path defaults to it."""
     proc = tune_run(
         "recipes/evaluate.py", "configs/evaluate.yaml", f"output_dir={tmp_path}", "k=2", "pass_k=[1,2]",
         "datasets=[{source: assets/tiny_arith/val.jsonl, name: arith, max_questions: 32}]",
         "rollout.engine._component_=polopt.rollout.VLLMRolloutEngine",
-        "rollout.engine.model_name_or_path=assets/tiny_arith", "rollout.engine.dtype=float32",
+        "model_dir=assets/tiny_arith", "rollout.engine.dtype=float32",
         "rollout.engine.enforce_eager=true", "rollout.engine.max_model_len=128",
         "rollout.engine.kv_cache_memory_bytes=33554432",
     )

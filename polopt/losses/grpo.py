@@ -5,8 +5,10 @@
         = −A · min(R_t, 1 + ε_high)  if A > 0,   −A · max(R_t, 1 − ε_low)  if A < 0
 
 `clip_low`/`clip_high` are ε_low/ε_high. The gradient is −A ∇R_t inside the clip region and 0
-outside it (Eq. 11). Default aggregation: mean over each sequence's tokens, then over sequences
-(`seq-mean-token-mean`), as in the GRPO paper.
+outside it (Eq. 11). `clip_frac` (= `clip_frac_high` + `clip_frac_low`) is the fraction of tokens,
+in groups with signal, whose R is past the clip boundary by more than ratios.CLIP_COUNT_MARGIN.
+Default aggregation: mean over each sequence's tokens, then over sequences (`seq-mean-token-mean`),
+as in the GRPO paper.
 
 Options shared with NFT (ratios.py, aggregation.py): `ratio_level` ("sequence_mean" with
 `seq-mean-token-mean` is GSPO, Zheng et al. 2025: s = exp(mean_t log R_t), clipped per answer),
@@ -21,7 +23,7 @@ import torch
 from polopt.losses.base import TokenLevelLoss
 from polopt.losses.inputs import LossInputs, check_number
 from polopt.losses.group_stats import grpo_advantage
-from polopt.losses.ratios import likelihood_ratio
+from polopt.losses.ratios import likelihood_ratio, past_lower, past_upper
 from polopt.losses.registry import register_loss
 
 
@@ -48,10 +50,11 @@ class GRPOLoss(TokenLevelLoss):
         upper = torch.full_like(advantage, torch.inf).masked_fill(advantage > 0, 1 + self.clip_high)
         token_losses = -advantage * torch.clamp(ratio, lower, upper)
 
-        # Fraction of tokens (in groups with signal) whose gradient the clip zeroes.
+        # Fraction of tokens (in groups with signal) whose gradient the clip zeroes: those past the
+        # bound by more than CLIP_COUNT_MARGIN (ratios.py), as NFT's neg_clip_frac counts.
         rows = inputs.informative
-        clipped_high = torch.count_nonzero((ratio.detach() > upper) & inputs.mask, dim=-1)
-        clipped_low = torch.count_nonzero((ratio.detach() < lower) & inputs.mask, dim=-1)
+        clipped_high = torch.count_nonzero(past_upper(ratio, upper) & inputs.mask, dim=-1)
+        clipped_low = torch.count_nonzero(past_lower(ratio, lower) & inputs.mask, dim=-1)
         tokens = torch.where(rows, inputs.lengths, 0).sum().clamp(min=1)
         metrics = {
             "clip_frac_high": torch.where(rows, clipped_high, 0).sum() / tokens,

@@ -10,6 +10,12 @@
 (on-policy ∇ ≡ GRPO for ε ≤ 1, Prop. 4.2). Off-policy, ∂ℓ_t/∂R_t of a negative token is
 ω · neg_weight · r̂/(1 − r̂) / max((1 − r̂ R_t)/(1 − r̂), ε) (Eq. 12; with ω = grpo, ω·r̂/(1 − r̂) = −A⁻).
 The loss is 0 at π_θ = π_old when ε ≤ 1.
+`neg_clip_frac`: the fraction of negative tokens, in groups with signal, where max_v is active —
+x(R) = (1 − r̂R)/(1 − r̂) < ε, i.e. R > R_ε = (1 − ε(1 − r̂))/r̂ — counted only where R exceeds R_ε
+by more than ratios.CLIP_COUNT_MARGIN. With ε = 1, R_ε = 1: on-policy (R = 1 up to the rounding
+of two forward passes) nothing is clipped, and an exact test x < ε would count the rounding of
+about half the tokens. With ε > 1 every negative token is clipped on-policy (x(1) = 1 < ε), as
+it is in value.
 Defaults follow Appendix B: ε = 1, ω = 1 − r̂, token-level normalisation (`token-mean`).
 
 Options (defaults keep the equation above; the NFT authors' code, NVlabs/NFT, uses the values in
@@ -39,7 +45,7 @@ from polopt.losses.group_stats import (
     prompt_weight,
     safe_correct_rate,
 )
-from polopt.losses.ratios import likelihood_ratio, max_v
+from polopt.losses.ratios import likelihood_ratio, max_v, past_upper
 from polopt.losses.registry import register_loss
 
 
@@ -70,16 +76,20 @@ class NFTLoss(TokenLevelLoss):
         correct_rate = safe_correct_rate(clipped_rate)[:, None]
         weight = prompt_weight(clipped_rate, self.prompt_weight)[:, None]
         positive = inputs.positive[:, None]
-        negative_ratio = (1 - correct_rate * likelihood_ratio(inputs.log_ratio)) / (1 - correct_rate)
+        ratio = likelihood_ratio(inputs.log_ratio)
+        negative_ratio = (1 - correct_rate * ratio) / (1 - correct_rate)
         positive_term = -inputs.log_ratio
         negative_term = -torch.log(max_v(negative_ratio, self.epsilon))
         if self.neg_weight != 1.0:
             negative_term = self.neg_weight * negative_term
         token_losses = weight * torch.where(positive, positive_term, negative_term)
 
-        # Fraction of negative tokens (in groups with signal) whose ratio max_v clips at ε.
+        # Fraction of negative tokens (in groups with signal) whose ratio max_v clips at ε: x(R) < ε
+        # exactly where R > R_ε = (1 − ε(1 − r̂))/r̂ (x falls as R grows); counted past R_ε by more
+        # than CLIP_COUNT_MARGIN (ratios.py), so that on-policy rounding around R_ε = 1 (ε = 1) is not.
         negative_rows = ~inputs.positive & inputs.informative
-        clipped_per_row = torch.count_nonzero((negative_ratio.detach() < self.epsilon) & inputs.mask, dim=-1)
+        clip_boundary = (1 - self.epsilon * (1 - correct_rate)) / correct_rate
+        clipped_per_row = torch.count_nonzero(past_upper(ratio, clip_boundary) & inputs.mask, dim=-1)
         clipped = torch.where(negative_rows, clipped_per_row, 0).sum()
         negative_tokens = torch.where(negative_rows, inputs.lengths, 0).sum()
         return token_losses, {"neg_clip_frac": clipped / negative_tokens.clamp(min=1)}

@@ -15,10 +15,20 @@ then, if `max_log_ratio` = c is set, min(log R, c): a plain clamp, so a token (o
 log-ratio exceeds c contributes a constant with zero gradient (the NFT authors' code uses c = 10).
 The gradient flows through the sum/mean: a sequence level gives every token of an answer the
 answer's coefficient, as the sequence objective's gradient does.
+
+Clip fractions (GRPO's `clip_frac`, NFT's `neg_clip_frac`) count a token when its ratio lies past
+the clip boundary by more than a factor e^CLIP_COUNT_MARGIN (`past_upper`, `past_lower`): the
+policy has moved past the boundary, not float noise across it. The first update of a step is
+on-policy, R = 1 up to the rounding of two forward passes of the same weights (the engine's and
+the trainer's, or two batch layouts), and where the boundary is R = 1 itself — NFT with ε = 1 —
+an exact comparison counted about half the tokens as clipped by that rounding alone. The margin,
+0.1% of R, is far above fp32 rounding of log-probs and far below any clip range in use (ε of 0.2,
+0.28); the loss and its gradient do not use it, only the metrics.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -29,6 +39,10 @@ import torch
 MAX_LOG_RATIO = 60.0
 
 RATIO_LEVELS = ("token", "sequence_sum", "sequence_mean")
+
+# A clip fraction counts a token whose ratio is past its clip boundary by more than this much in
+# log R (module docstring).
+CLIP_COUNT_MARGIN = 1e-3
 
 
 def masked_log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -65,6 +79,16 @@ def policy_log_ratio(
 def likelihood_ratio(log_ratio: torch.Tensor) -> torch.Tensor:
     """R_t = exp(log R_t), with the exponent capped at ±MAX_LOG_RATIO."""
     return torch.exp(log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
+
+
+def past_upper(ratio: torch.Tensor, bound) -> torch.Tensor:
+    """Where R > bound·e^CLIP_COUNT_MARGIN: a clamp of R at `bound` from above counts as clipping."""
+    return ratio.detach() * math.exp(-CLIP_COUNT_MARGIN) > bound
+
+
+def past_lower(ratio: torch.Tensor, bound) -> torch.Tensor:
+    """Where R < bound·e^−CLIP_COUNT_MARGIN: a clamp of R at `bound` from below counts as clipping."""
+    return ratio.detach() * math.exp(CLIP_COUNT_MARGIN) < bound
 
 
 def max_v(x: torch.Tensor, epsilon: float) -> torch.Tensor:
