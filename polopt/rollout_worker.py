@@ -216,8 +216,7 @@ def build_native_sampler(spec: ProducerSpec):
     with training.set_default_dtype(training.get_dtype(cfg.dtype)), torch.device("cpu"):
         model = instantiate_component(cfg.model, "model")
     model.eval()
-    engine = instantiate_component(cfg.rollout.engine, "rollout.engine", model=model, pad_id=tokenizer.pad_id,
-                                   decode=partial(tokenizer.decode, skip_special_tokens=True))
+    engine = build_engine(cfg.rollout.engine, tokenizer, model)
     stream = prompt_stream(cfg, tokenizer, spec.topology, spec.gen_batch_size)
     if spec.stream_state is not None:
         stream.load_state_dict(spec.stream_state)
@@ -228,6 +227,25 @@ def build_native_sampler(spec: ProducerSpec):
         filter_groups=cfg.filter.enabled,
     )
     return sampler, engine
+
+
+def engine_takes_model(engine_cfg) -> bool:
+    """Whether the config's engine generates with a model it is given (native) rather than loading
+    its own weights (vLLM): the engine class says so (`shares_trainer_model`)."""
+    from torchtune.config._utils import _get_component_from_path
+
+    return bool(_get_component_from_path(engine_cfg._component_).shares_trainer_model)
+
+
+def build_engine(engine_cfg, tokenizer, model=None):
+    """The config's rollout engine (both recipes and the producer): a native engine generates with
+    `model`; another loads its own weights. Its construction errors name `rollout.engine`."""
+    from polopt.recipe_config import instantiate_component
+
+    decode = partial(tokenizer.decode, skip_special_tokens=True)
+    if engine_takes_model(engine_cfg):
+        return instantiate_component(engine_cfg, "rollout.engine", model=model, pad_id=tokenizer.pad_id, decode=decode)
+    return instantiate_component(engine_cfg, "rollout.engine", decode=decode)
 
 
 def prompt_stream(cfg, tokenizer, topology, batch_size: int):

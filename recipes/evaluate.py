@@ -26,13 +26,10 @@ import json
 import sys
 import time
 from dataclasses import asdict
-from functools import partial
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 from torchtune import config, training, utils
-from torchtune.config._utils import _get_component_from_path
 
 from polopt.checkpoint import load_hf_model
 from polopt.errors import UserError
@@ -46,6 +43,7 @@ from polopt.recipe_config import (
     sampling_params,
     validate_eval_config,
 )
+from polopt.rollout_worker import build_engine, engine_takes_model
 from polopt.runtime import set_cpu_threads
 from polopt.tokenizer import check_tokenizer
 
@@ -67,25 +65,21 @@ class EvaluateRecipe:
 
     def setup(self) -> None:
         cfg = self.cfg
-        native = _get_component_from_path(cfg.rollout.engine._component_).shares_trainer_model
+        native = engine_takes_model(cfg.rollout.engine)
         if native:  # first: a wrong model_dir shows up as a missing tokenizer file otherwise
             _, state = load_hf_model(cfg.checkpointer)
         self.tokenizer = instantiate_component(cfg.tokenizer, "tokenizer")
-        decode = partial(self.tokenizer.decode, skip_special_tokens=True)
-        engine_cfg = cfg.rollout.engine
         if native:
             with training.set_default_dtype(self.dtype), self.device:
                 self.model = instantiate_component(cfg.model, "model")
             check_tokenizer(self.tokenizer, vocab_size=self.model.tok_embeddings.num_embeddings)
             self.model.load_state_dict(state)
             self.model.eval()
-            self.engine = instantiate_component(
-                engine_cfg, "rollout.engine", model=self.model, pad_id=self.tokenizer.pad_id, decode=decode
-            )
+            self.engine = build_engine(cfg.rollout.engine, self.tokenizer, self.model)
             max_seq_len = self.model.max_seq_len
         else:
             check_tokenizer(self.tokenizer)
-            self.engine = instantiate_component(engine_cfg, "rollout.engine", decode=decode)
+            self.engine = build_engine(cfg.rollout.engine, self.tokenizer)
             max_seq_len = getattr(self.tokenizer, "max_seq_len", None)
         # Every dataset is read (and its prompts checked) before the first one is evaluated.
         self.datasets = [self._setup_dataset(i, entry, max_seq_len) for i, entry in enumerate(cfg.datasets)]

@@ -40,7 +40,6 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torchtune import config, modules, training, utils
-from torchtune.config._utils import _get_component_from_path
 from torchtune.recipe_interfaces import FTRecipeInterface
 from tqdm import tqdm
 
@@ -75,6 +74,8 @@ from polopt.rollout_worker import (
     ProcessProducer,
     ProducerSpec,
     Rollout,
+    build_engine,
+    engine_takes_model,
     prompt_stream,
     rollout_sampling_params,
 )
@@ -130,7 +131,7 @@ class OnlineRLRecipe(FTRecipeInterface):
         k = cfg.rollout.get("max_staleness", 0)
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise ConfigError(f"rollout.max_staleness={k!r} must be an integer >= 0 (0: synchronous)", "rollout.max_staleness")
-        if k and not _get_component_from_path(cfg.rollout.engine._component_).shares_trainer_model:
+        if k and not engine_takes_model(cfg.rollout.engine):
             raise ConfigError(
                 f"rollout.max_staleness={k} runs the native engine in a producer process; set "
                 "rollout.engine._component_=polopt.rollout.NativeRolloutEngine, or rollout.max_staleness=0 with vLLM",
@@ -257,13 +258,11 @@ class OnlineRLRecipe(FTRecipeInterface):
         return model
 
     def _setup_rollout_engine(self, cfg: DictConfig, model_state: dict[str, torch.Tensor]):
-        engine_cfg = cfg.rollout.engine
-        decode = partial(self.tokenizer.decode, skip_special_tokens=True)
         self.rollout_correction = _setup_rollout_correction(cfg)
-        if not _get_component_from_path(engine_cfg._component_).shares_trainer_model:
+        if not engine_takes_model(cfg.rollout.engine):
             # vLLM's and the engine's own construction errors are about the config (memory,
             # tensor_parallel_size, max_model_len, ...)
-            engine = instantiate_component(engine_cfg, "rollout.engine", decode=decode)
+            engine = build_engine(cfg.rollout.engine, self.tokenizer)
             try:
                 # Checks the engine's model against the trainer's before step 1, and starts both
                 # from the same weights (the engine loaded its own checkpoint).
@@ -278,7 +277,7 @@ class OnlineRLRecipe(FTRecipeInterface):
             with training.set_default_dtype(self._dtype), self._device:
                 rollout_model = instantiate_component(cfg.model, "model")
             rollout_model.load_state_dict(model_state)
-        return instantiate_component(engine_cfg, "rollout.engine", model=rollout_model, pad_id=self.tokenizer.pad_id, decode=decode)
+        return build_engine(cfg.rollout.engine, self.tokenizer, rollout_model)
 
     def _setup_prompts(self, cfg: DictConfig) -> PromptStream:
         stream = prompt_stream(cfg, self.tokenizer, self.topology, self.gen_batch_per_shard)
