@@ -573,7 +573,7 @@ class OnlineRLRecipe(FTRecipeInterface):
     def _sync_rollout_weights(self) -> None:
         """Stream the weights into the engine one full tensor at a time: a rank holds one gathered
         parameter (plus the engine's bucket), never the whole model at once."""
-        if self.engine_uses_trainer_model:
+        if getattr(self.engine, "model", None) is self.model:  # generates with the module being trained
             return
         self.engine.sync_weights(self._full_tensors())
 
@@ -582,10 +582,6 @@ class OnlineRLRecipe(FTRecipeInterface):
         collective, and every rank walks the same state dict in the same order."""
         for name, value in self.model.state_dict().items():
             yield name, (value.full_tensor() if hasattr(value, "full_tensor") else value).detach()
-
-    @property
-    def engine_uses_trainer_model(self) -> bool:
-        return self.engine.shares_trainer_model and self.engine.model is self.model
 
     def _full_state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self._full_tensors())

@@ -76,7 +76,7 @@ class DynamicSampler:
     """Rollout → verify → filter, returning up to `num_prompts` groups and their metrics.
 
     `prompt_stream.next_batch()` returns a list of `Prompt`s; its `batch_size` is the generation
-    batch (the one place that number lives). `params` are the sampling settings of every step;
+    batch (the recipe sets it: `filter.gen_batch_size` per data shard, polopt/topology.py). `params` are the sampling settings of every step;
     `sample(seed)` draws generation batch i with seed + i, so batches differ and a step is
     reproducible from its seed alone.
     """
