@@ -53,7 +53,8 @@ CONFIG = "configs/tiny_arith.yaml"
 # tests/test_async_rollout.py's STALE, without checkpoints, with the DiskLogger.
 OVERRIDES = [
     "validation.source=null", "save_final_model=false", "checkpoint_every_n_steps=null", "num_threads=1",
-    "recompute_old_logprobs=true", "rollout.num_prompts=8", "rollout.num_samples=4", "filter.gen_batch_size=8",
+    "recompute_old_logprobs=true", "rollout_correction.enabled=true", "rollout.num_prompts=8", "rollout.num_samples=4",
+    "filter.gen_batch_size=8",
     "filter.max_gen_batches=2", "num_minibatches=2",
     "metric_logger._component_=torchtune.training.metric_logging.DiskLogger",
 ]

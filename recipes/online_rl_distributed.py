@@ -143,6 +143,12 @@ class OnlineRLRecipe(FTRecipeInterface):
                 "the trainer's policy at the update (π_old), not the stale policy that sampled (docs/rollout.md)",
                 "recompute_old_logprobs",
             )
+        if k and not cfg.rollout_correction.get("enabled", False):
+            raise ConfigError(
+                f"rollout.max_staleness={k} needs rollout_correction.enabled=true: the decoupled objective weighs each "
+                "token by π_old / π_behaviour (docs/rollout.md); without it a stale rollout is trained as if the "
+                "current policy had sampled it", "rollout_correction.enabled",
+            )
         return k
 
     def _new_tp_group(self):

@@ -17,7 +17,7 @@ RECORDED = REPO / "tests" / "data" / "sync_run_history_tiny.json"
 # boundary, with the losses' current clip-fraction counting.
 RECORDED_RUN = ["max_steps=3", "num_threads=1", "save_final_model=false", "checkpoint_every_n_steps=null"]
 STALE = ["validation.source=null", "save_final_model=false", "checkpoint_every_n_steps=2", "num_threads=1",
-         "recompute_old_logprobs=true", "rollout.num_prompts=8", "rollout.num_samples=4", "filter.gen_batch_size=8",
+         "recompute_old_logprobs=true", "rollout_correction.enabled=true", "rollout.num_prompts=8", "rollout.num_samples=4", "filter.gen_batch_size=8",
          "filter.max_gen_batches=2", "num_minibatches=2", "max_steps=4"]
 
 

@@ -301,6 +301,8 @@ TRAIN_ERRORS = {
     "negative gradient clip": (["clip_grad_norm=-1"], ["'clip_grad_norm' must be > 0", "got -1"]),
     "staleness without the trainer's pi_old": (["rollout.max_staleness=1"],
                                               ["rollout.max_staleness=1 needs recompute_old_logprobs: true"]),
+    "staleness without the rollout correction": (["rollout.max_staleness=1", "recompute_old_logprobs=true"],
+                                                 ["rollout.max_staleness=1 needs rollout_correction.enabled=true"]),
     "staleness with vLLM": (["rollout.max_staleness=2", "recompute_old_logprobs=true",
                              "rollout.engine._component_=polopt.rollout.VLLMRolloutEngine"],
                             ["rollout.max_staleness=2 runs the native engine in a producer process"]),
