@@ -17,13 +17,14 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 from fractions import Fraction
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 from tqdm import tqdm
 
 from polopt.prompts import Prompt
 from polopt.rollout import SamplingParams
 from polopt.rollout.sampler import generate_and_verify
+from polopt.seeds import call_seed
 from polopt.verify import verification_counts
 
 
@@ -77,7 +78,7 @@ def evaluate_prompts(
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        seed = None if params.seed is None else params.seed + start
+        seed = call_seed(params.seed, start)
         groups = generate_and_verify(engine, verifier, chunk, k, replace(params, seed=seed))
         flat = [c for g in groups for c in g.completions]
         for g in groups:

@@ -29,6 +29,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from polopt.batch import Completion, PromptGroup
+from polopt.seeds import rollout_seed
 
 
 @dataclass
@@ -190,7 +191,7 @@ def _produce(spec: ProducerSpec, inbox, outbox) -> None:
                     return
                 _, version, weights = message
                 engine.sync_weights(weights)
-            seed = spec.topology.mix_seed(spec.seed, step)
+            seed = rollout_seed(spec.seed, step, spec.topology.dp_rank)
             groups, metrics = sampler.sample(seed=seed)
             outbox.put(Rollout(step, version, groups, metrics, sampler.prompt_stream.state_dict(), idle))
         while inbox.get()[0] != "stop":

@@ -9,8 +9,8 @@
                     dp_rank  0  | 1       prompts, seeds and validation questions per group
 
 A data shard is a TP group, not a rank: the prompt stream shards by `dp_rank`, sampling seeds mix
-`dp_rank` (the ranks of a TP group must sample with the same seed, or vLLM's tensor-parallel
-sampling is silently wrong), validation shares questions by group and counts each group once
+`dp_rank` (polopt/seeds.py; the ranks of a TP group must sample with the same seed, or vLLM's
+tensor-parallel sampling is silently wrong), validation shares questions by group and counts each group once
 (`counts_results`). torchrun numbers ranks node by node, so a TP group stays on one node when T
 divides the ranks per node; a launch that does not fit is refused at setup, naming the key.
 """
@@ -89,10 +89,6 @@ class Topology:
     def tp_slice(self, items: Sequence[T]) -> list[T]:
         """This rank's part of what its TP group produced together (its rows to train on)."""
         return list(items[self.tp_rank :: self.tensor_parallel_size])
-
-    def mix_seed(self, seed: int, step: int) -> int:
-        """A sampling seed per (run seed, step, data shard): a resumed run samples what the original did."""
-        return (seed * 1_000_003 + step * 7919 + self.dp_rank * 104_729) % (2**31 - 1)
 
     def per_shard(self, n: int, key: str) -> int:
         """`n` (a count over the whole run, e.g. rollout.num_prompts) split evenly over the data shards."""

@@ -82,6 +82,7 @@ from polopt.rollout_worker import (
 from polopt.run_dir import claim_output_dir, remove_unstarted_run, write_results, write_run_config
 from polopt.runtime import set_cpu_threads
 from polopt.tokenizer import check_tokenizer
+from polopt.seeds import rollout_seed, validation_seed
 from polopt.topology import Topology
 
 log = utils.get_logger("INFO")
@@ -490,7 +491,7 @@ class OnlineRLRecipe(FTRecipeInterface):
             self.verifier,
             self.val_prompts,
             k=v.k,
-            params=self._sampling_params("validation", seed=self.topology.mix_seed(self.seed + 1, 0)),
+            params=self._sampling_params("validation", seed=validation_seed(self.seed, self.topology.dp_rank)),
             batch_size=v.batch_size,
             progress=self._is_rank_zero,
             desc="validation",
@@ -509,7 +510,7 @@ class OnlineRLRecipe(FTRecipeInterface):
         k = self.max_staleness
         # Seeded per (run seed, step, data shard): a resumed run samples exactly what the original did.
         if k == 0:
-            return InlineProducer(self.sampler, lambda step: self.topology.mix_seed(self.seed, step))
+            return InlineProducer(self.sampler, lambda step: rollout_seed(self.seed, step, self.topology.dp_rank))
         spec = ProducerSpec(
             config=OmegaConf.to_container(self.cfg, resolve=True), topology=self.topology, seed=self.seed,
             num_prompts=self.prompts_per_shard, gen_batch_size=self.gen_batch_per_shard,

@@ -30,6 +30,7 @@ from polopt.batch import PromptGroup, scored_rewards
 from polopt.losses.group_stats import informative
 from polopt.prompts import Prompt
 from polopt.rollout import SamplingParams
+from polopt.seeds import call_seed
 from polopt.verify import verification_counts
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ class DynamicSampler:
             if not self.agree(bool(prompts)):
                 log.warning("DynamicSampler: the prompt stream returned an empty batch; stopping early")
                 break
-            params = replace(self.params, seed=None if seed is None else seed + gen_batches)
+            params = replace(self.params, seed=call_seed(seed, gen_batches))
             groups = generate_and_verify(self.engine, self.verifier, prompts, self.num_samples, params)
             gen_batches += 1
             generated.extend(groups)
