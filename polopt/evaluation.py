@@ -44,6 +44,9 @@ def pass_at_k(correct_counts: Sequence[int], n: int, k: int) -> float:
     return float(total / len(correct_counts))
 
 
+DEFAULT_BATCH_SIZE = 64  # prompts per engine call: the recipes' `validation.batch_size` / `batch_size` default
+
+
 def evaluate_prompts(
     engine,
     verifier: Callable[[list[str], list[str]], list[float]],
@@ -51,7 +54,7 @@ def evaluate_prompts(
     *,
     k: int,
     params: SamplingParams,
-    batch_size: int,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     progress: bool = False,
     desc: str = "eval",
     keep_answers: bool = False,

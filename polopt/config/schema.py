@@ -10,9 +10,21 @@ from __future__ import annotations
 
 from typing import Any
 
+import inspect
+
 from omegaconf import ListConfig
 
+from polopt.evaluation import DEFAULT_BATCH_SIZE
 from polopt.prompts import DEFAULT_TEMPLATE
+from polopt.rollout import SamplingParams
+from polopt.rollout.sampler import DynamicSampler
+
+
+def default_of(target, name: str) -> Any:
+    """The default of argument `name` of `target` (a class's constructor or a function): a key that
+    feeds it takes its default from there, so the value has one owner."""
+    return inspect.signature(target).parameters[name].default
+
 
 NUMBER = (int, float)
 OPTIONAL_INT = (int, type(None))
@@ -75,16 +87,16 @@ SECTIONS: dict[str, dict[str, Any]] = {
         "engine": ("component", None),
         "num_prompts": (int, None),
         "num_samples": (int, None),
-        "temperature": (NUMBER, 1.0),
-        "top_p": (NUMBER, 1.0),
-        "top_k": (OPTIONAL_INT, None),
+        "temperature": (NUMBER, default_of(SamplingParams, "temperature")),
+        "top_p": (NUMBER, default_of(SamplingParams, "top_p")),
+        "top_k": (OPTIONAL_INT, default_of(SamplingParams, "top_k")),
         "max_new_tokens": (int, None),
         "max_staleness": (int, 0),
     },
     "filter": {
-        "enabled": (bool, True),
+        "enabled": (bool, default_of(DynamicSampler, "filter_groups")),
         "gen_batch_size": (OPTIONAL_INT, None),
-        "max_gen_batches": (int, 3),
+        "max_gen_batches": (int, default_of(DynamicSampler, "max_gen_batches")),
     },
     "validation": {
         "source": (OPTIONAL_STR, None),
@@ -94,13 +106,13 @@ SECTIONS: dict[str, dict[str, Any]] = {
         "template": (OPTIONAL_STR, None),
         "every_n_steps": (int, 0),
         "k": (int, 1),
-        "temperature": (NUMBER, 1.0),
-        "top_p": (NUMBER, 1.0),
+        "temperature": (NUMBER, default_of(SamplingParams, "temperature")),
+        "top_p": (NUMBER, default_of(SamplingParams, "top_p")),
         "max_new_tokens": (OPTIONAL_INT, None),
         "max_questions": (OPTIONAL_INT, None),
         "max_prompt_tokens": (OPTIONAL_INT, None),
         "on_too_long": (str, "drop"),
-        "batch_size": (int, 64),
+        "batch_size": (int, DEFAULT_BATCH_SIZE),
     },
 }
 
@@ -118,13 +130,13 @@ EVAL_SCHEMA: dict[str, Any] = {
     "k": (int, 1),
     # unbiased pass@j for each j; null: 1, 4, 16, ... up to each dataset's k (validate.pass_k_for)
     "pass_k": (OPTIONAL_LIST, None),
-    "temperature": (NUMBER, 1.0),
-    "top_p": (NUMBER, 1.0),
-    "top_k": (OPTIONAL_INT, None),
+    "temperature": (NUMBER, default_of(SamplingParams, "temperature")),
+    "top_p": (NUMBER, default_of(SamplingParams, "top_p")),
+    "top_k": (OPTIONAL_INT, default_of(SamplingParams, "top_k")),
     "max_new_tokens": (int, None),
     "max_prompt_tokens": (OPTIONAL_INT, None),
     "max_questions": (OPTIONAL_INT, None),
-    "batch_size": (int, 64),
+    "batch_size": (int, DEFAULT_BATCH_SIZE),
     "save_answers": (bool, False),  # answers_<dataset>.jsonl beside eval.json: every sampled answer and its reward
     "model": ("component", None),
     "tokenizer": ("component", None),
