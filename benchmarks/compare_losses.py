@@ -11,6 +11,9 @@
                                                              # 4 and 8 optimiser steps per rollout
     python benchmarks/compare_losses.py --config configs/tiny_arith_hard.yaml --name compare_losses_hard \\
         --num-minibatches 4 8 --seeds 0 1 2 3 4 --max-steps 40 validation.max_questions=100   # the hard task
+    python benchmarks/compare_losses.py --config configs/tiny_arith_hard.yaml --max-staleness 0 2 \
+        --seeds 0 1 2 --max-steps 20 validation.max_questions=100 num_threads=1   # stale rollouts
+                                                             # (issue 25): results/compare_losses_staleness.md
 
 Each run is `tune run recipes/online_rl_distributed.py --config <config> loss=<name> seed=<s> ...`
 in its own process with identical overrides apart from the loss (each loss keeps the defaults of
@@ -18,6 +21,17 @@ its own paper, nothing is tuned per loss). `--num-minibatches N ...` runs every 
 with `num_minibatches=N`: the rollout is split into N mini-batches of whole groups, one optimiser
 step each at the config's learning rate, so all but the first step of a rollout are off-policy
 (the paper's regime is 16).
+`--max-staleness K ...` runs every variant once per K with `rollout.max_staleness=K`
+(polopt/rollout_worker.py): the rollout of step s comes from policy version max(0, s − K) exactly,
+generated in a producer process. K = 0 is the synchronous recipe with the config's settings. K > 0
+also sets `recompute_old_logprobs=true` (required: the loss's ratio is taken against the proximal
+π_old the trainer recomputes) and `rollout_correction.enabled=true` with the section's defaults
+(token level, truncate, cap 3): every loss gets the per-token weights min(π_old/π_behav, 3), the
+decoupled objective (AReaL) in which the loss's own ratio is against the proximal policy and the
+behaviour policy (the stale sampler, whose log-probs come from the engine) enters only through the
+truncated importance weight. The report then gives each variant's measured staleness (mean over steps
+of `rollout/staleness`), the fraction of tokens whose weight hit the cap and a plot of the final
+accuracy against the measured staleness. Both flags together run their product.
 
 Each run saves its final model (HF format, `final/`), which is then evaluated as a user would:
 `tune run recipes/evaluate.py --config configs/evaluate.yaml model_dir=<run>/final` on the config's
@@ -70,6 +84,11 @@ from polopt.prompts import DEFAULT_TEMPLATE  # noqa: E402
 ALL_LOSSES = list(BUILTIN_LOSSES)
 # Per-step metrics that show how far each update went off-policy; a loss logs those it defines.
 OFF_POLICY_METRICS = ("clip_frac", "neg_clip_frac", "ratio_max")
+# With --max-staleness: the policy versions between sampler and learner, and the rollout correction's
+# view of the behaviour/proximal mismatch (logged with recompute_old_logprobs, enabled or not).
+STALENESS_METRICS = ("rollout/staleness", "rollout_correction/capped_fraction",
+                     "rollout_correction/ratio_mean", "rollout_correction/logprob_abs_diff_mean",
+                     "time/trainer_wait_s", "time/producer_idle_s")
 PASS_K = (1, 4, 16)
 
 
@@ -160,7 +179,7 @@ def run_one(tag: str, config: str, overrides: list[str], runs_dir: Path, log_dir
     trained = not (out / "summary.json").exists()  # else finished in an earlier invocation: reuse it
     if (trained and previous is not None and previous["eval"]["k"] == k
             and _without_output_dir(previous["command"]) == _without_output_dir(shown)):
-        return {**{key: value for key, value in previous.items() if key not in ("seed", "num_minibatches")},
+        return {**{key: value for key, value in previous.items() if key not in ("seed", "num_minibatches", "max_staleness")},
                 "trained_now": False}
     if trained:
         if out.exists():  # an interrupted earlier attempt: start it again
@@ -183,6 +202,9 @@ def run_one(tag: str, config: str, overrides: list[str], runs_dir: Path, log_dir
         "reward": [(h["step"], h["reward/mean"]) for h in history if "reward/mean" in h],
         "off_policy": {m: [(h["step"], h[m]) for h in history if m in h] for m in OFF_POLICY_METRICS
                        if any(m in h for h in history)},
+        **({"staleness": {m: [(h["step"], h[m]) for h in history if m in h] for m in STALENESS_METRICS
+                          if any(m in h for h in history)}}
+           if any(m in h for h in history for m in STALENESS_METRICS) else {}),
         "eval": evaluation,
         "command": shown,
         "trained_now": trained,
@@ -220,12 +242,13 @@ def plot(results: dict[str, list[dict]], variants: dict[str, dict], path: Path, 
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, axes = plt.subplots(2, 2, figsize=(13, 8.4))
-    (ax_val, ax_ent), (ax_clip, ax_ratio) = axes
+    stale = any(v.get("max_staleness") is not None for v in variants.values())
+    fig, axes = plt.subplots(3 if stale else 2, 2, figsize=(13, 12.6 if stale else 8.4))
+    (ax_val, ax_ent), (ax_clip, ax_ratio) = axes[:2]
     bases = list(dict.fromkeys(v["base"] for v in variants.values()))
-    minibatches = list(dict.fromkeys(v["num_minibatches"] for v in variants.values()))
+    settings = list(dict.fromkeys(_setting(v) for v in variants.values()))
     colors = {b: f"C{i}" for i, b in enumerate(bases)}
-    styles = {n: s for n, s in zip(minibatches, ["-", "--", ":", "-."] * 4)}
+    styles = {n: s for n, s in zip(settings, ["-", "--", ":", "-."] * 4)}
 
     def by_step(runs: list[dict], get) -> tuple[list[int], "np.ndarray"]:
         # A step whose groups were all filtered out has no update and no metrics: align by step.
@@ -237,7 +260,7 @@ def plot(results: dict[str, list[dict]], variants: dict[str, dict], path: Path, 
         return steps, values
 
     for label, runs in results.items():
-        style = {"color": colors[variants[label]["base"]], "linestyle": styles[variants[label]["num_minibatches"]]}
+        style = {"color": colors[variants[label]["base"]], "linestyle": styles[_setting(variants[label])]}
         steps, acc = by_step(runs, lambda r: list(zip(r["val_steps"], r["val_accuracy"])))
         mean, std = np.nanmean(acc, 0), np.nanstd(acc, 0)
         ax_val.plot(steps, mean, label=label, **style)
@@ -257,11 +280,62 @@ def plot(results: dict[str, list[dict]], variants: dict[str, dict], path: Path, 
                 title="clip_frac (GRPO family) / neg_clip_frac (NFT)")
     ax_ratio.set(xlabel="rollout step", ylabel="max π/π_old in the batch (geometric mean over seeds)",
                  title="ratio_max", yscale="log")
+    if stale:  # final accuracy against the measured staleness, one line per loss (mean, 95% interval)
+        for ax, (name, get) in zip(axes[2], [("final avg@k (training validation)", lambda r: r["final_accuracy"]),
+                                              ("pass@1 of the final model", lambda r: r["eval"]["pass@1"])]):
+            for base in bases:
+                points = []
+                for label, runs in results.items():
+                    if variants[label]["base"] == base:
+                        mean, lo, hi = mean_ci95([get(r) for r in runs])
+                        x = statistics.fmean(measured_staleness(r) for r in runs)
+                        points.append((x, mean, mean - lo if not math.isnan(lo) else 0.0))
+                points.sort()
+                if points:
+                    xs, ys, err = zip(*points)
+                    ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, color=colors[base], label=base)
+            ax.set(xlabel="measured staleness (mean of rollout/staleness over steps)", ylabel=name,
+                   title="against staleness (mean, 95% t interval over seeds)")
     for ax in axes.flat:
         ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _setting(v: dict) -> tuple:
+    """What a variant varies besides the loss: (num_minibatches, max_staleness), None where not swept."""
+    return v["num_minibatches"], v.get("max_staleness")
+
+
+def measured_staleness(run: dict) -> float:
+    """Mean over steps of `rollout/staleness` (logged only with max_staleness > 0; 0 for a synchronous run)."""
+    values = [v for _, v in run.get("staleness", {}).get("rollout/staleness", [])]
+    return statistics.fmean(values) if values else 0.0
+
+
+def _stale_mean(runs: list[dict], metric: str) -> float:
+    per_run = [statistics.fmean(v for _, v in r["staleness"][metric]) for r in runs
+               if r.get("staleness", {}).get(metric)]
+    return statistics.fmean(per_run) if per_run else float("nan")
+
+
+def _difference_table(diffs: list[dict], pk: list[str], val_k: int) -> list[str]:
+    """Markdown rows of paired differences with 95% intervals, and the intervals that exclude 0."""
+    lines = [f"| variant | pairs | Δ final avg@{val_k} | " + " | ".join(f"Δ {key}" for key in pk) + " |",
+             "|---|---:|---:|" + "---:|" * len(pk)]
+    resolved = []
+    for row in diffs:
+        cells = [_fmt_ci(row["final_accuracy"]), *(_fmt_ci(row[key]) if key in row else "–" for key in pk)]
+        lines.append(f"| {row['label']} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
+        for key in ("final_accuracy", *pk):
+            if key in row and len(row[key]) > 1:
+                mean, lo, hi = mean_ci95(row[key])
+                if lo > 0 or hi < 0:
+                    shown = f"final avg@{val_k}" if key == "final_accuracy" else key
+                    resolved.append(f"{row['label']} {'above' if mean > 0 else 'below'} {row['reference']} "
+                                    f"on {shown} ({mean:+.3f} [{lo:+.3f}, {hi:+.3f}])")
+    return lines + ["", "Intervals that exclude 0: " + ("; ".join(resolved) if resolved else "none") + ".", ""]
 
 
 def _fmt_ci(values: list[float]) -> str:
@@ -271,13 +345,20 @@ def _fmt_ci(values: list[float]) -> str:
     return f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]"
 
 
-def difference_rows(results: dict[str, list[dict]], variants: dict[str, dict], reference_base: str) -> list[dict]:
-    """Each variant minus the reference variant (same num_minibatches), paired by seed."""
+def difference_rows(results: dict[str, list[dict]], variants: dict[str, dict], reference_base: str,
+                    same_loss_at_staleness: Optional[int] = None) -> list[dict]:
+    """Each variant minus the reference variant (same num_minibatches and max_staleness), paired by
+    seed; with `same_loss_at_staleness=K`, minus the same loss at max_staleness K instead."""
     rows = []
     for label, runs in results.items():
         v = variants[label]
-        ref = next((lab for lab, w in variants.items()
-                    if w["base"] == reference_base and w["num_minibatches"] == v["num_minibatches"]), None)
+        if same_loss_at_staleness is None:
+            ref = next((lab for lab, w in variants.items()
+                        if w["base"] == reference_base and _setting(w) == _setting(v)), None)
+        else:
+            ref = next((lab for lab, w in variants.items()
+                        if w["base"] == v["base"] and w["num_minibatches"] == v["num_minibatches"]
+                        and w.get("max_staleness") == same_loss_at_staleness), None)
         if ref is None or ref == label or ref not in results:
             continue
         ref_by_seed = {r["seed"]: r for r in results[ref]}
@@ -299,10 +380,13 @@ def write_report(name: str, results: dict[str, list[dict]], variants: dict[str, 
                  eval_k: int, reference_base: str) -> None:
     done = sum(len(r) for r in results.values())
     diffs = difference_rows(results, variants, reference_base)
+    stale = any(v.get("max_staleness") is not None for v in variants.values())
+    stale_diffs = difference_rows(results, variants, reference_base, same_loss_at_staleness=0) if stale else []
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(
         {"machine": info, "command": command, "config": config, "runs_done": done, "runs_planned": total,
-         "base_model_eval": base_eval, "differences_to_reference": diffs, "runs": results}, indent=1))
+         "base_model_eval": base_eval, "differences_to_reference": diffs,
+         **({"differences_to_staleness_0": stale_diffs} if stale else {}), "runs": results}, indent=1))
     plot(results, variants, RESULTS / f"{name}.png", title=name.replace("_", " "))
     pk = [f"pass@{j}" for j in PASS_K if j <= eval_k]
     val_k = task["k"]
@@ -329,13 +413,21 @@ def write_report(name: str, results: dict[str, list[dict]], variants: dict[str, 
         "answers, the fraction that are a bare number (`1325`) rather than an equation or sentence ending in "
         "one (`591+734=1325`); expressions that only restate the question (`591+734`) score 0 (docs/data.md). "
         "**echoed**: answers (of all the final model's evaluation answers) that math-verify's pure equivalence "
-        "would have rewarded and the number-literal rule did not: the question restated, unevaluated.",
+        "would have rewarded and the number-literal rule did not: the question restated, unevaluated."
+        + (" **staleness**: measured, mean over steps of `rollout/staleness` (policy versions between the "
+           "sampler and the update; 0 for the synchronous runs); **capped**: mean over steps of the fraction "
+           "of tokens whose rollout-correction weight π_old/π_behav hit its cap (`rollout_correction/"
+           "capped_fraction`); **|Δ log π|**: mean per-token |log π_old − log π_behav| (how far the sampler "
+           "was from the proximal policy)." if stale else ""),
         "",
         f"Base model ({task['model_dir']}): " + ", ".join(f"{key} {base_eval[key]:.3f}" for key in pk),
         "",
         f"| variant | runs | initial avg@{val_k} | final avg@{val_k} (mean ± std) | AUC | "
-        + " | ".join(pk) + " | entropy first → last | clip (metric) | max R | rewarded: bare number | echoed | train s/run | eval s/run |",
-        "|---|---:|---:|---:|---:|" + "---:|" * len(pk) + "---:|---:|---:|---:|---:|---:|---:|",
+        + " | ".join(pk) + " | entropy first → last | clip (metric) | max R | "
+        + ("staleness | capped | \\|Δ log π\\| | " if stale else "")
+        + "rewarded: bare number | echoed | train s/run | eval s/run |",
+        "|---|---:|---:|---:|---:|" + "---:|" * len(pk) + "---:|---:|---:|" + ("---:|---:|---:|" if stale else "")
+        + "---:|---:|---:|---:|",
     ]
     for label, runs in results.items():
         fa, fs = _mean_std([r["final_accuracy"] for r in runs])
@@ -356,32 +448,31 @@ def write_report(name: str, results: dict[str, list[dict]], variants: dict[str, 
         bare = f"{statistics.fmean(literal):.2f}" if literal else "–"
         echoed = (f"{sum(r['eval']['echoed_answers'] for r in runs)}/{sum(r['eval']['answers'] for r in runs)}"
                   if all("echoed_answers" in r["eval"] for r in runs) else "–")
+        if stale:
+            ms = statistics.fmean(measured_staleness(r) for r in runs)
+            cells = [f"{ms:.2f}", *(f"{x:.4f}" if not math.isnan(x) else "–" for x in
+                                    (_stale_mean(runs, "rollout_correction/capped_fraction"),
+                                     _stale_mean(runs, "rollout_correction/logprob_abs_diff_mean")))]
+            ratio += " | " + " | ".join(cells)
         lines.append(f"| {label} | {len(runs)} | {ia:.3f} | {fa:.3f} ± {fs:.3f} | {aa:.3f} | " + " | ".join(passes)
                      + f" | {e0:.3f} → {e1:.3f} | {clip} | {ratio} | {bare} | {echoed} | {train_s:.0f} | {eval_s:.0f} |")
     lines += [
         "",
         f"## Difference to {reference_base} (paired by seed)",
         "",
-        "Each row: this variant's value minus the same seed's NFT run at the same num_minibatches; mean over "
+        "Each row: this variant's value minus the same seed's NFT run at the same num_minibatches"
+        + (" and max_staleness" if stale else "") + "; mean over "
         "seeds [95% Student-t interval, t_{0.975, n−1} from benchmarks/_common.py's table]. An interval that "
         "excludes 0 is a difference these seeds resolve.",
         "",
-        f"| variant | pairs | Δ final avg@{val_k} | " + " | ".join(f"Δ {key}" for key in pk) + " |",
-        "|---|---:|---:|" + "---:|" * len(pk),
     ]
-    resolved = []
-    for row in diffs:
-        cells = [_fmt_ci(row["final_accuracy"]), *(_fmt_ci(row[key]) if key in row else "–" for key in pk)]
-        lines.append(f"| {row['label']} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
-        for key in ("final_accuracy", *pk):
-            if key in row and len(row[key]) > 1:
-                mean, lo, hi = mean_ci95(row[key])
-                if lo > 0 or hi < 0:
-                    shown = f"final avg@{val_k}" if key == "final_accuracy" else key
-                    resolved.append(f"{row['label']} {'above' if mean > 0 else 'below'} {row['reference']} "
-                                    f"on {shown} ({mean:+.3f} [{lo:+.3f}, {hi:+.3f}])")
-    lines += ["", "Intervals that exclude 0: " + ("; ".join(resolved) if resolved else "none") + ".", "",
-              f"![curves]({name}.png)", ""]
+    lines += _difference_table(diffs, pk, val_k)
+    if stale:
+        lines += ["## Difference to the same loss at max_staleness 0 (paired by seed)", "",
+                  "Each row: this variant minus the same loss's synchronous run (k=0) at the same seed; "
+                  "mean [95% Student-t interval]. What staleness costs or gains each loss.", ""]
+        lines += _difference_table(stale_diffs, pk, val_k)
+    lines += [f"![curves]({name}.png)", ""]
     md = RESULTS / f"{name}.md"
     if md.exists() and "\n## Reading" in md.read_text():  # the hand-written reading survives a rewrite
         lines.append(md.read_text()[md.read_text().index("\n## Reading") + 1:].rstrip() + "\n")
@@ -415,12 +506,18 @@ def main() -> None:
         "--num-minibatches", nargs="+", type=int, default=None,
         help="run each variant with each of these num_minibatches (optimiser steps per rollout)",
     )
+    parser.add_argument(
+        "--max-staleness", nargs="+", type=int, default=None,
+        help="run each variant with each of these rollout.max_staleness (k > 0 also sets recompute_old_logprobs=true "
+             "and rollout_correction.enabled=true: the decoupled objective)",
+    )
     parser.add_argument("--eval-k", type=int, default=16, help="samples per held-out question for pass@k")
     parser.add_argument("--max-new-runs", type=int, default=None,
                         help="train at most this many runs (finished ones are reused and reported; 0: report only)")
     parser.add_argument(
         "--name", default=None,
-        help="results file stem (default compare_losses / nft_ablation, + _minibatches with --num-minibatches)",
+        help="results file stem (default compare_losses / nft_ablation, + _minibatches with --num-minibatches, "
+             "+ _staleness with --max-staleness)",
     )
     parser.add_argument("--runs-dir", default="outputs/compare_losses")
     parser.add_argument(
@@ -433,6 +530,8 @@ def main() -> None:
 
     if args.num_minibatches and min(args.num_minibatches) < 1:
         parser.error(f"--num-minibatches must be integers >= 1, got {args.num_minibatches}")
+    if args.max_staleness and min(args.max_staleness) < 0:
+        parser.error(f"--max-staleness must be integers >= 0, got {args.max_staleness}")
     if args.eval_k < 1:
         parser.error(f"--eval-k must be >= 1, got {args.eval_k}")
     if not (REPO / args.config).is_file():
@@ -440,6 +539,8 @@ def main() -> None:
     name = args.name or ("nft_ablation" if args.ablation else "compare_losses")
     if args.name is None and args.num_minibatches:
         name += "_minibatches"  # never overwrite the on-policy results under the plain name
+    if args.name is None and args.max_staleness:
+        name += "_staleness"
     runs_dir = REPO / args.runs_dir / name
     log_dir = runs_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -458,9 +559,15 @@ def main() -> None:
     variants: dict[str, dict] = {}
     for base, overrides in base_variants.items():
         for n in args.num_minibatches or [None]:
-            label = base if n is None else f"{base} mb={n}"
-            extra = [] if n is None else [f"num_minibatches={n}"]
-            variants[label] = {"base": base, "num_minibatches": n, "overrides": [*overrides, *extra]}
+            for k in args.max_staleness or [None]:
+                label = base + ("" if n is None else f" mb={n}") + ("" if k is None else f" k={k}")
+                extra = [] if n is None else [f"num_minibatches={n}"]
+                if k is not None:
+                    extra.append(f"rollout.max_staleness={k}")
+                if k:  # the decoupled objective: ratio against the recomputed π_old, truncated π_old/π_behav weights
+                    extra += ["recompute_old_logprobs=true", "rollout_correction.enabled=true"]
+                variants[label] = {"base": base, "num_minibatches": n, "max_staleness": k,
+                                   "overrides": [*overrides, *extra]}
 
     info = machine_info()
     argv = sys.argv[1:]
@@ -487,7 +594,7 @@ def main() -> None:
                 continue  # not trained in this invocation; the report covers the finished runs
             run = run_one(tag, args.config, [*v["overrides"], f"seed={seed}", *common], runs_dir, log_dir, task,
                           args.eval_k, previous.get(tag))
-            run.update(seed=seed, num_minibatches=v["num_minibatches"])
+            run.update(seed=seed, num_minibatches=v["num_minibatches"], max_staleness=v["max_staleness"])
             results[label].append(run)
             done += 1
             trained_now = run.pop("trained_now")
