@@ -100,7 +100,9 @@ class OnlineRLRecipe(FTRecipeInterface):
             dist.init_process_group(training.get_distributed_backend(self._device.type))
         self.world_size, self.rank = utils.get_world_size_and_rank()
         self._is_rank_zero = self.rank == 0
-        self.num_threads = set_cpu_threads(cfg.num_threads, self._device)
+        self.max_staleness = self._check_max_staleness(cfg)
+        # A rollout producer process (staleness k ≥ 1) takes half of this rank's share of the cores.
+        self.num_threads = set_cpu_threads(cfg.num_threads, self._device, processes_per_rank=2 if self.max_staleness else 1)
         self.topology = Topology.from_launch(
             self.world_size, self.rank, cfg.rollout.engine.get("tensor_parallel_size", 1)
         )
@@ -116,7 +118,6 @@ class OnlineRLRecipe(FTRecipeInterface):
                 "num_minibatches",
             )
         self._tp_group = self._new_tp_group()
-        self.max_staleness = self._check_max_staleness(cfg)
         self.producer = None
         self._resumed_in_flight: list[Rollout] = []
         self._resumed_stream_state: Optional[dict] = None
