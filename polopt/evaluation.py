@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 from tqdm import tqdm
 
 from polopt.prompts import Prompt
-from polopt.rollout import SamplingParams
+from polopt.rollout import RolloutEngine, SamplingParams
 from polopt.rollout.sampler import generate_and_verify
 from polopt.seeds import call_seed
 from polopt.verify import verification_counts
@@ -48,7 +48,7 @@ DEFAULT_BATCH_SIZE = 64  # prompts per engine call: the recipes' `validation.bat
 
 
 def evaluate_prompts(
-    engine,
+    engine: RolloutEngine,
     verifier: Callable[[list[str], list[str]], list[float]],
     prompts: Sequence[Prompt],
     *,

@@ -74,6 +74,9 @@ class SamplingParams:
 
 
 class RolloutEngine(Protocol):
+    """What the sampler and evaluation call: `generate`, and `sync_weights` after an update (a
+    no-op for an engine that generates with the module being trained)."""
+
     shares_trainer_model: bool
 
     def generate(

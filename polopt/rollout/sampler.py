@@ -29,7 +29,7 @@ import torch
 from polopt.batch import PromptGroup, scored_rewards
 from polopt.losses.group_stats import informative
 from polopt.prompts import Prompt
-from polopt.rollout import SamplingParams
+from polopt.rollout import RolloutEngine, SamplingParams
 from polopt.seeds import call_seed
 from polopt.verify import verification_counts
 
@@ -39,7 +39,7 @@ Verifier = Callable[[list[str], list[str]], list[float]]
 
 
 def generate_and_verify(
-    engine, verifier: Verifier, prompts: Sequence[Prompt], num_samples: int, params: SamplingParams
+    engine: RolloutEngine, verifier: Verifier, prompts: Sequence[Prompt], num_samples: int, params: SamplingParams
 ) -> list[PromptGroup]:
     """K answers per prompt from `engine`, scored by `verifier`; truncated answers score 0.
 
@@ -85,7 +85,7 @@ class DynamicSampler:
     def __init__(
         self,
         prompt_stream,
-        engine,
+        engine: RolloutEngine,
         verifier: Verifier,
         *,
         num_prompts: int,
