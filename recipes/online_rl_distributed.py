@@ -97,7 +97,11 @@ class OnlineRLRecipe(FTRecipeInterface):
         self._dtype = training.get_dtype(cfg.dtype, device=self._device)
         self._distributed = training.is_distributed() and int(os.environ.get("WORLD_SIZE", 1)) > 1
         if self._distributed:
-            dist.init_process_group(training.get_distributed_backend(self._device.type))
+            # On GPUs, NCCL for the model's collectives and gloo for the CPU tensors and objects the
+            # recipe all-reduces and gathers (metrics, normalisers, the mini-batch plan).
+            dist.init_process_group(training.get_distributed_backend(
+                self._device.type, offload_ops_to_cpu=self._device.type != "cpu"
+            ))
         self.world_size, self.rank = utils.get_world_size_and_rank()
         self._is_rank_zero = self.rank == 0
         self.max_staleness = self._check_max_staleness(cfg)
