@@ -107,9 +107,9 @@ def _deal_rows(groups: list[tuple[int, int]], shapes, world_size: int) -> list[l
             shares[ref.rank].append(ref)
         else:
             surplus.append(ref)
+    spare = iter(surplus)
     for r in range(world_size):
-        while len(shares[r]) < quota[r]:
-            shares[r].append(surplus.pop(0))
+        shares[r].extend(next(spare) for _ in range(quota[r] - len(shares[r])))
     position = {ref: n for n, ref in enumerate(rows)}
     return [sorted(share, key=position.__getitem__) for share in shares]
 

@@ -549,7 +549,6 @@ class OnlineRLRecipe(FTRecipeInterface):
                 metrics["tokens_per_second"] = minibatches[0].global_tokens / max(1e-9, time.perf_counter() - t0)
             self.global_step += 1
             self._sync_rollout_weights()
-            self.producer.push_weights(self.global_step, self._full_state_dict)
             metrics["time/rollout_s"] = t_rollout
             metrics["time/step_s"] = time.perf_counter() - t0
             metrics["time/step_cpu_s"] = time.process_time() - t0_cpu  # this process's threads, not the neighbours'
@@ -583,11 +582,19 @@ class OnlineRLRecipe(FTRecipeInterface):
             self.metric_logger.log_dict({k: v for k, v in entry.items() if k != "step"}, step=step)
 
     def _sync_rollout_weights(self) -> None:
-        """Stream the weights into the engine one full tensor at a time: a rank holds one gathered
-        parameter (plus the engine's bucket), never the whole model at once."""
-        if getattr(self.engine, "model", None) is self.model:  # generates with the module being trained
+        """The new weights to whoever generates: synchronously, streamed into the engine one full
+        tensor at a time (a rank holds one gathered parameter plus the engine's bucket, never the
+        whole model); with a producer process (staleness k ≥ 1), gathered once for it and for the
+        trainer's own engine (validation)."""
+        engine_is_trainer = getattr(self.engine, "model", None) is self.model  # generates with the module trained
+        if self.producer is None or not self.max_staleness:
+            if not engine_is_trainer:
+                self.engine.sync_weights(self._full_tensors())
             return
-        self.engine.sync_weights(self._full_tensors())
+        weights = self._full_state_dict()
+        if not engine_is_trainer:
+            self.engine.sync_weights(weights)
+        self.producer.push_weights(self.global_step, lambda: weights)
 
     def _full_tensors(self):
         """(name, full tensor) per weight, gathered on demand: under FSDP2 `full_tensor` is a
