@@ -19,9 +19,8 @@ takes the first val.jsonl questions as prompts and stops answers at its stop tok
 does; each engine's tokens/s then counts the tokens it generated up to each answer's stop token.
 `--model smollm2` loads SmolLM2-135M-Instruct (assets/smollm2-135m-instruct, `make smollm2`) as
 training does — torchtune's model from `polopt.models.hf_model` with `hf_checkpointer`'s weights for
-the native engine, the same folder in transformers and in vLLM — and takes the first
-addition_chat_train.jsonl questions in the model's chat template (configs/smollm2_addition.yaml's
-prompts), defaults 8 prompts × 8 samples × 32 new tokens at temperature 0.7 (that config's rollout).
+the native engine, the same folder in transformers and in vLLM — and takes the first questions of
+configs/smollm2_addition.yaml's training set in the model's chat template (that config's prompts), defaults 8 prompts × 8 samples × 32 new tokens at temperature 0.7 (that config's rollout).
 By default its answers run the full 32 tokens (the stop token ignored: no stop ids for the native
 engine, `min_new_tokens` for transformers, `ignore_eos` for vLLM), so every engine does the same
 work; `--stop` ends them at the model's stop tokens as training does (answers of a few tokens).
@@ -59,12 +58,14 @@ import traceback
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
+
 from _common import REPO, environment, synchronize, write_results  # benchmarks/ is on sys.path when run as a script
 from polopt.rollout import SamplingParams
 
 TINY_ARITH_DIR = REPO / "assets" / "tiny_arith"
 SMOLLM2_DIR = REPO / "assets" / "smollm2-135m-instruct"
-SMOLLM2_PROMPTS = REPO / "assets" / "data" / "addition_chat_train.jsonl"  # configs/smollm2_addition.yaml's training set
+SMOLLM2_CONFIG = REPO / "configs" / "smollm2_addition.yaml"  # its training set gives the prompts
 ENGINES = ("native, shared prefill", "native, per-sample prefill", "transformers generate", "vLLM")
 ENGINE_KEYS = dict(zip(("native", "native-per-sample", "transformers", "vllm"), ENGINES))  # --engines
 
@@ -127,13 +128,15 @@ def make_prompts(num_prompts: int, prompt_len: int, vocab: int, seed: int) -> li
 
 
 def smollm2_prompts(num_prompts: int) -> tuple[list[list[int]], list[int], int]:
-    """(prompt ids, stop ids, pad id): the first addition_chat_train.jsonl questions in SmolLM2's
-    chat template, tokenized as the recipe does (configs/smollm2_addition.yaml: template `chat`)."""
+    """(prompt ids, stop ids, pad id): the first questions of configs/smollm2_addition.yaml's training
+    set in SmolLM2's chat template, tokenized as the recipe does (the config's `dataset.template`)."""
     from polopt.prompts import PromptDataset, load_rows
     from polopt.tokenizer import HFTokenizer
 
+    dataset_cfg = OmegaConf.load(SMOLLM2_CONFIG).dataset
     tokenizer = HFTokenizer(str(SMOLLM2_DIR))
-    dataset = PromptDataset(load_rows(str(SMOLLM2_PROMPTS))[:num_prompts], tokenizer, template="chat")
+    rows = load_rows(str(REPO / dataset_cfg.source))[:num_prompts]
+    dataset = PromptDataset(rows, tokenizer, template=dataset_cfg.template)
     return [list(dataset[i].token_ids) for i in range(len(dataset))], list(tokenizer.stop_tokens), tokenizer.pad_id
 
 
@@ -405,6 +408,7 @@ def measure(args) -> dict:
         "new_tokens": args.new_tokens,
         "temperature": args.temperature,
         "model": args.model,
+        **({"prompt_source": str(OmegaConf.load(SMOLLM2_CONFIG).dataset.source)} if args.model == "smollm2" else {}),
         "stop_token_ids": work.stop_ids,
         "repeats": args.repeats,
         "warmups": args.warmups,
@@ -502,7 +506,7 @@ def describe_model(run: dict) -> str:
         return (f"Model: SmolLM2-135M-Instruct (assets/smollm2-135m-instruct; Llama, 30 layers, dim 576, 9/3 heads, "
                 f"vocab 49152, tied embeddings), {run['dtype']}: torchtune's `polopt.models.hf_model` with "
                 "`hf_checkpointer`'s weights for the native engine, the same folder in transformers and vLLM. "
-                f"Prompts: the first {run['prompts']} questions of assets/data/addition_chat_train.jsonl in the model's "
+                f"Prompts: the first {run['prompts']} questions of {run.get('prompt_source', 'assets/data/addition_chat_train.jsonl')} in the model's "
                 f"chat template (configs/smollm2_addition.yaml's prompts; {lens} tokens, left-padded for transformers), "
                 f"{run['samples']} samples each, {run['new_tokens']} new tokens, temperature {run['temperature']:g}; {ends}.")
     return (f"Model: tiny Qwen2 (polopt.models.TINY_ARITH shape, random weights), {run['dtype']}. Batch: "

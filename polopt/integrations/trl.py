@@ -37,7 +37,7 @@ import torch
 import trl
 from trl import GRPOConfig, GRPOTrainer
 
-from polopt.losses import get_loss, global_normalizer
+from polopt.losses import get_loss, global_normalizer, group_correct_rate
 from polopt.losses.registry import hparam_names
 
 # Exactly the TRL releases the tests ran against (major.minor): `_compute_loss` is private API.
@@ -110,7 +110,7 @@ class PoloptGRPOTrainer(GRPOTrainer):
         num_generations = self.num_generations if self.model.training else self.num_generations_eval
         rewards = binary_rewards(rewards_per_func, self.reward_weights, self.reward_func_names, self.polopt_loss.name)
         group_ids = torch.arange(rewards.numel(), device=rewards.device) // num_generations
-        correct_rate = rewards.view(-1, num_generations).mean(dim=1).repeat_interleave(num_generations)
+        correct_rate = group_correct_rate(rewards, group_ids)  # over all processes' rows: whole groups
         local_rows = output["completion_ids"].size(0)
         rows = slice(self.accelerator.process_index * local_rows, (self.accelerator.process_index + 1) * local_rows)
         output[REWARDS], output[GROUP_IDS], output[CORRECT_RATE] = rewards[rows], group_ids[rows], correct_rate[rows]
