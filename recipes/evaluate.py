@@ -135,7 +135,7 @@ class EvaluateRecipe:
                 "n_dropped_too_long": dataset.num_dropped,
                 "sampling": asdict(params),
             }
-            unbiased = "".join(f", pass@{j} = {scores[f'pass@{j}']:.4f}" for j in pass_k)
+            unbiased = "".join(f", pass@{j} = {scores[f'pass@{j}']:.4f}" for j in pass_k if j != k)  # pass@k: solved in k
             log.info(f"{name}: avg@{k} = {scores['avg_at_k']:.4f}, pass@{k} = {scores['pass_at_k']:.4f}{unbiased} "
                      f"({int(scores['n_questions'])} questions)")
         return results
