@@ -38,7 +38,7 @@ test: install smollm2
 demo: install
 	$(VENV)/bin/polopt train --config tiny_arith overwrite=true
 
-# SmolLM2 on 2-digit additions with NFT (configs/smollm2_addition.yaml; docs/smollm2.md has its wall time).
+# SmolLM2 on additions up to 20 + 20 with NFT (configs/smollm2_addition.yaml; docs/smollm2.md has its wall time).
 demo-smollm2: install smollm2
 	$(VENV)/bin/polopt train --config smollm2_addition overwrite=true
 
