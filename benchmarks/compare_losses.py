@@ -11,7 +11,7 @@
                                                              # 4 and 8 optimiser steps per rollout
     python benchmarks/compare_losses.py --config configs/tiny_arith_hard.yaml --name compare_losses_hard \\
         --num-minibatches 4 8 --seeds 0 1 2 3 4 --max-steps 40 validation.max_questions=100   # the hard task
-    python benchmarks/compare_losses.py --config configs/tiny_arith_hard.yaml --max-staleness 0 2 \
+    python benchmarks/compare_losses.py --config configs/tiny_arith_hard.yaml --max-staleness 0 1 2 4 \
         --seeds 0 1 2 --max-steps 20 validation.max_questions=100 num_threads=1   # stale rollouts
                                                              # (issue 25): results/compare_losses_staleness.md
 
