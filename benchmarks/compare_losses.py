@@ -14,6 +14,9 @@
     python benchmarks/compare_losses.py --config configs/tiny_arith_hard.yaml --max-staleness 0 1 2 4 \
         --seeds 0 1 2 --max-steps 20 validation.max_questions=100 num_threads=1   # stale rollouts
                                                              # (issue 25): results/compare_losses_staleness.md
+    python benchmarks/compare_losses.py --config configs/tiny_arith_hard.yaml --name compare_losses_staleness_minibatches \
+        --num-minibatches 4 --max-staleness 0 2 --seeds 0 1 2 --max-steps 20 validation.max_questions=100 num_threads=1
+                                                             # staleness where the clips act
 
 Each run is `tune run recipes/online_rl_distributed.py --config <config> loss=<name> seed=<s> ...`
 in its own process with identical overrides apart from the loss (each loss keeps the defaults of
