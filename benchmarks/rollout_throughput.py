@@ -20,7 +20,8 @@ does; each engine's tokens/s then counts the tokens it generated up to each answ
 `--model smollm2` loads SmolLM2-135M-Instruct (assets/smollm2-135m-instruct, `make smollm2`) as
 training does — torchtune's model from `polopt.models.hf_model` with `hf_checkpointer`'s weights for
 the native engine, the same folder in transformers and in vLLM — and takes the first questions of
-configs/smollm2_addition.yaml's training set in the model's chat template (that config's prompts), defaults 8 prompts × 8 samples × 32 new tokens at temperature 0.7 (that config's rollout).
+configs/smollm2_addition.yaml's training set in the model's chat template (that config's prompts),
+defaults 8 prompts × 8 samples × 32 new tokens at temperature 0.7 (that config's rollout).
 By default its answers run the full 32 tokens (the stop token ignored: no stop ids for the native
 engine, `min_new_tokens` for transformers, `ignore_eos` for vLLM), so every engine does the same
 work; `--stop` ends them at the model's stop tokens as training does (answers of a few tokens).
@@ -65,7 +66,7 @@ from polopt.rollout import SamplingParams
 
 TINY_ARITH_DIR = REPO / "assets" / "tiny_arith"
 SMOLLM2_DIR = REPO / "assets" / "smollm2-135m-instruct"
-SMOLLM2_CONFIG = REPO / "configs" / "smollm2_addition.yaml"  # its training set gives the prompts
+SMOLLM2_DATASET = OmegaConf.load(REPO / "configs" / "smollm2_addition.yaml").dataset  # its training set gives the prompts
 ENGINES = ("native, shared prefill", "native, per-sample prefill", "transformers generate", "vLLM")
 ENGINE_KEYS = dict(zip(("native", "native-per-sample", "transformers", "vllm"), ENGINES))  # --engines
 
@@ -133,10 +134,9 @@ def smollm2_prompts(num_prompts: int) -> tuple[list[list[int]], list[int], int]:
     from polopt.prompts import PromptDataset, load_rows
     from polopt.tokenizer import HFTokenizer
 
-    dataset_cfg = OmegaConf.load(SMOLLM2_CONFIG).dataset
     tokenizer = HFTokenizer(str(SMOLLM2_DIR))
-    rows = load_rows(str(REPO / dataset_cfg.source))[:num_prompts]
-    dataset = PromptDataset(rows, tokenizer, template=dataset_cfg.template)
+    rows = load_rows(str(REPO / SMOLLM2_DATASET.source))[:num_prompts]
+    dataset = PromptDataset(rows, tokenizer, template=SMOLLM2_DATASET.template)
     return [list(dataset[i].token_ids) for i in range(len(dataset))], list(tokenizer.stop_tokens), tokenizer.pad_id
 
 
@@ -408,7 +408,7 @@ def measure(args) -> dict:
         "new_tokens": args.new_tokens,
         "temperature": args.temperature,
         "model": args.model,
-        **({"prompt_source": str(OmegaConf.load(SMOLLM2_CONFIG).dataset.source)} if args.model == "smollm2" else {}),
+        **({"prompt_source": str(SMOLLM2_DATASET.source)} if args.model == "smollm2" else {}),
         "stop_token_ids": work.stop_ids,
         "repeats": args.repeats,
         "warmups": args.warmups,

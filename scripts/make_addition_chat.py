@@ -6,8 +6,8 @@ Two tasks, asked in words ("What is 47 + 85? Answer with just the number."):
 
 - `addition_upto20_chat_{train,val}`: both operands from 1 to 20, all 400 ordered pairs, 100 held out
   (`configs/smollm2_addition.yaml`: SmolLM2-135M-Instruct's base pass@1 sits inside 0.1-0.6 here).
-- `addition_chat_{train,val}`: two 2-digit operands, 3,000 + 200 (a harder set; the SmolLM2 speed
-  benchmarks take their prompts from it).
+- `addition_chat_{train,val}`: two 2-digit operands, 3,000 + 200 (a harder set; the committed SmolLM2
+  rollout and step figures were measured on its prompts, docs/smollm2.md).
 
 The question asks for the bare number; the verifier's number-literal rule (docs/data.md) then refuses
 an answer that restates the sum ("47 + 85") instead of giving it.
